@@ -1,0 +1,1 @@
+"""Shared mechanics for the cleansd scripts: data, models, rollout, log-probs, verifiers, FSDP2, I/O."""

@@ -1,0 +1,88 @@
+"""Chunked per-token log-probs, entropies and top-k gathers, so no [B, T, V] fp32 tensor exists at once.
+
+ALGORITHMS.md §3: log p(y_t) = z_y - logsumexp(z) with z = logits / tau, and the entropy
+H = logsumexp(z) - sum softmax(z) * z, each computed one chunk of token positions at a time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable on both ends (Mächler 2012)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float,
+                 with_entropy: bool, topk: int, gather_index: torch.Tensor | None):
+    """Stats of one chunk of positions: hidden [N, H] -> logits [N, V] (fp32) -> per-token values."""
+    logits = head(hidden).float() / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    out = [logits.gather(-1, targets[:, None]).squeeze(-1) - lse]
+    if with_entropy:
+        out.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+    if topk:
+        out.append(logits.detach().topk(topk, dim=-1).indices)
+    if gather_index is not None:
+        picked = logits.gather(-1, gather_index) - lse[:, None]
+        tail = log1mexp(torch.logsumexp(picked, dim=-1))  # log(1 - sum_topk p): the tail bucket
+        out.append(torch.cat([picked, tail[:, None]], dim=-1))
+    return tuple(out)
+
+
+def token_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float = 1.0,
+                chunk_size: int = 1024, with_entropy: bool = False, topk: int = 0,
+                gather_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-position log-prob of `targets`, optional entropy / top-k indices / log-probs at `gather_index`.
+
+    hidden [B, T, H] are the states that predict targets [B, T]; `gather_index` [B, T, k] yields
+    `gathered` [B, T, k+1] (k log-probs and the tail log(1 - sum p)). Under grad, each chunk's logits
+    are recomputed in backward (activation checkpointing) so only one chunk of logits is alive.
+    """
+    B, T, H = hidden.shape
+    flat_h, flat_t = hidden.reshape(B * T, H), targets.reshape(B * T)
+    flat_g = gather_index.reshape(B * T, -1) if gather_index is not None else None
+    pieces = []
+    for i in range(0, B * T, chunk_size):
+        args = (flat_h[i:i + chunk_size], head, flat_t[i:i + chunk_size], temperature, with_entropy, topk,
+                flat_g[i:i + chunk_size] if flat_g is not None else None)
+        if torch.is_grad_enabled() and flat_h.requires_grad:
+            pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_stats(*args))
+    cols = [torch.cat(p, dim=0) for p in zip(*pieces)]
+    names = ["logprobs"] + ["entropy"] * with_entropy + ["topk_index"] * bool(topk) + \
+        ["gathered"] * (gather_index is not None)
+    return {n: c.reshape(B, T, *c.shape[1:]) for n, c in zip(names, cols)}
+
+
+def naive_token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Reference implementation on full [B, T, V] logits (tests and benchmarks only)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return {"logprobs": logp.gather(-1, targets[..., None]).squeeze(-1), "entropy": -(logp.exp() * logp).sum(-1)}
+
+
+@torch.no_grad()
+def score_completions(policy: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
+                      chunk_size: int, micro_rows: int, gather_index: torch.Tensor | None = None,
+                      **stats) -> dict[str, torch.Tensor]:
+    """Score fixed completion tokens after the given (left-padded) prompts, without grad.
+
+    This is both the old-policy pass (the student's own prompts) and the teacher path (teacher
+    prompts + the same completion ids): completion positions line up with the student's exactly.
+    Values at padding positions are zeroed.
+    """
+    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    T, parts = completion_ids.shape[1], []
+    for i in range(0, ids.shape[0], micro_rows):
+        g = gather_index[i:i + micro_rows] if gather_index is not None else None
+        parts.append(policy(ids[i:i + micro_rows], mask[i:i + micro_rows], T, temperature, chunk_size, gather_index=g, **stats))
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    for k, v in out.items():
+        if v.is_floating_point():
+            out[k] = v * completion_mask.view(*completion_mask.shape, *([1] * (v.dim() - 2)))
+    return out

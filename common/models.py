@@ -1,0 +1,76 @@
+"""Load the policy and tokenizer (toy default, local path or hub id) and wrap it for chunked scoring."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.logprobs import token_stats
+
+
+class Policy(nn.Module):
+    """A causal LM whose forward returns per-token statistics of the completion, never full logits.
+
+    Routing scoring through the root module's forward keeps FSDP2's hooks in charge of unsharding
+    the root parameters (embeddings, final norm, LM head) for both forward and backward.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
+                temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False, topk: int = 0,
+                gather_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Stats for the last `completion_len` tokens of `input_ids` (left-padded prompt + completion)."""
+        # Position ids from the mask, as generate() does, so a left-padded row scores like an unpadded one.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        T = completion_len
+        return token_stats(hidden[:, -T - 1:-1], self.lm.lm_head, input_ids[:, -T:], temperature, chunk_size,
+                           with_entropy, topk, gather_index)
+
+
+def attention_implementation() -> str:
+    """flash_attention_2 when CUDA and the flash-attn package are present, else PyTorch SDPA."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_model_path(name: str) -> str:
+    """`toy` -> the shipped toy checkpoint; an existing directory as is; anything else is a hub id."""
+    if name == "toy":
+        from common.toy import TOY_MODEL_DIR
+
+        if not (TOY_MODEL_DIR / "config.json").exists():
+            raise FileNotFoundError(f"toy checkpoint missing at {TOY_MODEL_DIR}: run `python -m common.toy`")
+        return str(TOY_MODEL_DIR)
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model path not found: {name}")
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding (generation) and a pad token (falls back to eos)."""
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(name: str, device: torch.device, gradient_checkpointing: bool = False) -> Policy:
+    """The policy in fp32 master weights (bf16 compute comes from FSDP2 mixed precision or autocast)."""
+    path = resolve_model_path(name)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention_implementation())
+    except OSError as e:
+        raise FileNotFoundError(f"could not load model '{name}': {e}") from None
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Policy(lm).to(device)

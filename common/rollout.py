@@ -1,0 +1,124 @@
+"""Sample G completions per prompt with HF `generate`: left-padded prompts, stop at EOS, masks, text."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from common.models import Policy
+
+
+@dataclass
+class Rollout:
+    """A batch of prompt + completion rows; rows of one prompt are contiguous (view(P, G))."""
+
+    prompt_ids: torch.Tensor
+    """[B, Lp] left-padded prompt token ids."""
+    prompt_mask: torch.Tensor
+    """[B, Lp] 1 on prompt tokens."""
+    completion_ids: torch.Tensor
+    """[B, T] completion ids, right-padded with pad after the first EOS."""
+    completion_mask: torch.Tensor
+    """[B, T] 1 on completion tokens up to and including EOS."""
+    texts: list[str]
+    """Decoded completions (special tokens skipped)."""
+    truncated: torch.Tensor
+    """[B] bool: no EOS within the token budget."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def render_prompts(tokenizer: PreTrainedTokenizerBase, messages: list[str], enable_thinking: bool = False) -> list[str]:
+    """Each user message through the tokenizer's chat template, ending with the assistant header."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=enable_thinking) for m in messages]
+
+
+def tokenize_left(tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask of already rendered texts (no extra special tokens)."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def completion_masks(ids: torch.Tensor, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each row after its first EOS: (ids padded after EOS, mask incl. EOS, truncated flags)."""
+    is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device))
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = (~after_eos).long()
+    return ids.masked_fill(after_eos, pad_id), mask, ~is_eos.any(-1)
+
+
+@contextlib.contextmanager
+def unsharded_for_generation(policy: torch.nn.Module):
+    """Under FSDP2, gather all parameters once for the whole rollout and reshard afterwards.
+
+    Decoding runs one forward per token; resharding after each would all-gather every layer every
+    token, and ranks finishing at different lengths would then deadlock on mismatched collectives.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+@torch.no_grad()
+def generate(policy: Policy, tokenizer: PreTrainedTokenizerBase, prompts: list[str], group_size: int,
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, autocast=contextlib.nullcontext) -> Rollout:
+    """`group_size` samples of each rendered prompt (greedy when temperature == 0)."""
+    device = next(policy.parameters()).device
+    prompt_ids, prompt_mask = tokenize_left(tokenizer, [p for p in prompts for _ in range(group_size)], device)
+    gen_eos = policy.lm.generation_config.eos_token_id
+    eos_ids = sorted({tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])})
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
+                              top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+                              eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    was_training = policy.training
+    policy.eval()  # also turns gradient checkpointing off while decoding
+    with unsharded_for_generation(policy), autocast():
+        out = policy.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    policy.train(was_training)
+    ids, mask, truncated = completion_masks(out[:, prompt_ids.shape[1]:], eos_ids, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, ids, mask, texts, truncated)
+
+
+def _pad_to(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+    pad = t.new_full((t.shape[0], width - t.shape[1]), value)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts of different prompt/completion widths (prompts stay left-, completions right-padded)."""
+    lp, tc = max(p.prompt_ids.shape[1] for p in parts), max(p.completion_ids.shape[1] for p in parts)
+    return Rollout(torch.cat([_pad_to(p.prompt_ids, lp, pad_id, True) for p in parts]),
+                   torch.cat([_pad_to(p.prompt_mask, lp, 0, True) for p in parts]),
+                   torch.cat([_pad_to(p.completion_ids, tc, pad_id, False) for p in parts]),
+                   torch.cat([_pad_to(p.completion_mask, tc, 0, False) for p in parts]),
+                   [t for p in parts for t in p.texts], torch.cat([p.truncated for p in parts]))
+
+
+def select_rows(r: Rollout, rows: list[int]) -> Rollout:
+    """The given rows of a rollout (keeps group order as listed)."""
+    idx = torch.tensor(rows, dtype=torch.long, device=r.prompt_ids.device)
+    return Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.completion_ids[idx], r.completion_mask[idx],
+                   [r.texts[i] for i in rows], r.truncated[idx])

@@ -1,0 +1,116 @@
+"""Run setup shared by the five scripts: dist, seed, model, data, optimizer, resume, tracking, eval, save."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common import checkpoint
+from common.args import TrainArgs, finalize, seed_everything
+from common.data import DataError, Example, PromptSampler, load_examples
+from common.dist import Dist, init_dist, shard
+from common.evaluation import evaluate
+from common.models import Policy, load_policy, load_tokenizer
+from common.rollout import render_prompts
+from common.tracking import Tracker
+
+
+def prompt_fits(tokenizer, examples: list[Example], max_tokens: int, enable_thinking: bool) -> tuple[list[Example], int]:
+    """Keep the examples whose rendered prompt fits in `max_tokens`; returns (kept, skipped count)."""
+    rendered = render_prompts(tokenizer, [e.prompt for e in examples], enable_thinking)
+    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False).input_ids]
+    kept = [e for e, n in zip(examples, lengths) if n <= max_tokens]
+    return kept, len(examples) - len(kept)
+
+
+@dataclass
+class Run:
+    """Everything a training loop needs besides its algorithm."""
+
+    args: TrainArgs
+    d: Dist
+    out_dir: Path
+    tokenizer: object
+    policy: Policy
+    optimizer: torch.optim.Optimizer
+    sampler: PromptSampler
+    eval_set: list[Example]
+    tracker: Tracker
+    teacher: Policy | None = None
+    start_step: int = 0
+    extra: dict = field(default_factory=dict)
+    skipped_prompts: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def local_prompts(self) -> int:
+        return self.args.num_prompts // self.d.world_size
+
+    def set_lr(self, optimizer_step: int) -> float:
+        """Linear warm-up to the base learning rate, then constant."""
+        lr = self.args.learning_rate * min(1.0, (optimizer_step + 1) / max(1, self.args.warmup_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def is_eval_step(self, step: int) -> bool:
+        return self.args.eval_every > 0 and (step % self.args.eval_every == 0 or step == self.args.total_steps - 1)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out metrics; sample rows go to samples.jsonl."""
+        a = self.args
+        t0 = time.perf_counter()
+        metrics, table = evaluate(self.policy, self.tokenizer, self.eval_set, self.d, a.max_new_tokens, a.eval_samples,
+                                  a.eval_temperature, enable_thinking=a.enable_thinking)
+        self.tracker.samples(step, [{"split": "eval", **row} for row in table])
+        return {**metrics, "perf/eval_s": time.perf_counter() - t0}
+
+    def save(self, step: int, extra: dict | None = None) -> None:
+        """Checkpoint after `step` completed steps (all ranks call)."""
+        checkpoint.save(self.out_dir, self.policy, self.optimizer, self.tokenizer, step,
+                        {"sampler": self.sampler.state_dict(), **(extra or {})}, self.teacher)
+
+    def should_save(self, step: int) -> bool:
+        last = step == self.args.total_steps - 1
+        return last or (self.args.save_every > 0 and (step + 1) % self.args.save_every == 0)
+
+
+def load_splits(args: TrainArgs, tokenizer) -> tuple[list[Example], list[Example], int]:
+    """Train and eval examples with over-long prompts skipped (the count is returned and logged)."""
+    train = load_examples(args.dataset, "train")
+    evals = load_examples(args.eval_dataset or args.dataset, "test")[: args.eval_size]
+    train, skipped = prompt_fits(tokenizer, train, args.max_prompt_tokens, args.enable_thinking)
+    evals, skipped_eval = prompt_fits(tokenizer, evals, args.max_prompt_tokens, args.enable_thinking)
+    if not train:
+        raise DataError(f"every training prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}")
+    return train, evals, skipped + skipped_eval
+
+
+def setup(args: TrainArgs, script: str, with_teacher: bool = False) -> Run:
+    """Process group, seeds, model (+ an optional frozen teacher copy), data, optimizer, resume, tracker."""
+    out_dir = finalize(args, script)
+    d = init_dist()
+    seed_everything(args.seed + d.rank)
+    tokenizer = load_tokenizer(args.model)
+    policy = load_policy(args.model, d.device, args.gradient_checkpointing)
+    teacher = copy.deepcopy(policy).requires_grad_(False).eval() if with_teacher else None
+    policy, teacher = shard(policy, d), shard(teacher, d) if teacher is not None else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    train, evals, skipped = load_splits(args, tokenizer)
+    sampler = PromptSampler(train, args.seed + d.rank)
+    start, extra = 0, {}
+    found = checkpoint.find(out_dir) if args.resume else None
+    if found is not None:
+        start, extra = checkpoint.load(found, policy, optimizer, teacher)
+        sampler.load_state_dict(extra["sampler"])
+        if d.is_main:
+            print(f"resumed from {found} at step {start}", flush=True)
+    tracker = Tracker(out_dir, args, out_dir.name, d.is_main, resume_step=start if found else None)
+    if d.is_main:
+        print(f"{script}: {len(train)} train / {len(evals)} eval prompts ({skipped} over-long skipped), "
+              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params, {d.world_size} rank(s), "
+              f"{d.device.type}; writing to {out_dir}", flush=True)
+    return Run(args, d, out_dir, tokenizer, policy, optimizer, sampler, evals, tracker, teacher, start, extra, skipped)

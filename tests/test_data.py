@@ -1,0 +1,66 @@
+"""Local dataset loading: validation errors name the row and the field; the sampler is seeded and resumable."""
+import json
+
+import pytest
+
+from common.data import DataError, PromptSampler, load_examples, load_local
+
+
+def write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_loads_valid_rows(tmp_path):
+    p = write(tmp_path / "d.jsonl", [{"prompt": "1+1?", "answer": "2", "solution": "1+1=2"},
+                                     {"prompt": "f", "answer": "x", "task": "code", "tests": ["assert True"]}])
+    ex = load_local(p)
+    assert [e.answer for e in ex] == ["2", "x"] and ex[0].solution == "1+1=2" and ex[1].tests == ["assert True"]
+    assert ex[0].task == "math" and ex[1].task == "code"
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"answer": "2"}, "line 2: missing required field 'prompt'"),
+    ({"prompt": "q"}, "line 2: missing required field 'answer'"),
+    ({"prompt": 3, "answer": "2"}, "line 2: field 'prompt' has type int"),
+    ({"prompt": "  ", "answer": "2"}, "line 2: field 'prompt' is empty"),
+    ({"prompt": "q", "answer": "2", "task": "code"}, "line 2: a code row needs a non-empty 'tests' list"),
+    ({"prompt": "q", "answer": "2", "task": "poetry"}, "line 2: field 'task' must be"),
+    ({"prompt": "q", "answer": "2", "tests": [1]}, "line 2: field 'tests' must be a list of strings"),
+    ("{not json", "line 2: not valid JSON"),
+    ("[1, 2]", "line 2: expected a JSON object"),
+])
+def test_malformed_row_names_row_and_field(tmp_path, row, needle):
+    p = write(tmp_path / "d.jsonl", [{"prompt": "ok", "answer": "1"}, row])
+    with pytest.raises(DataError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        load_local(p)
+
+
+def test_parquet_and_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": None}]), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match="row 1: missing required field 'answer'"):
+        load_local(tmp_path / "d.parquet")
+    with pytest.raises(DataError, match="not found"):
+        load_local(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_local(write(tmp_path / "d.csv", ["a,b"]))
+    with pytest.raises(DataError, match="no rows"):
+        load_local(write(tmp_path / "e.jsonl", [""]))
+    with pytest.raises(DataError, match="unknown dataset 'nope'.*toy"):
+        load_examples("nope")
+
+
+def test_sampler_seeded_epochs_and_resume():
+    items = list(range(5))
+    a, b = PromptSampler(items, 3), PromptSampler(items, 3)
+    first = a.take(12)
+    assert first == b.take(12) and sorted(first[:5]) == items and sorted(first[5:10]) == items
+    c = PromptSampler(items, 3)
+    c.take(7)
+    d = PromptSampler(items, 3)
+    d.load_state_dict(c.state_dict())
+    assert c.take(6) == d.take(6)
+    assert PromptSampler(items, 4).take(5) != first[:5]

@@ -1,0 +1,97 @@
+"""Chunked log-probs, entropy, top-k gathers and teacher scoring against naive full-softmax computations."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.logprobs import log1mexp, naive_token_stats, score_completions, token_stats
+from common.rollout import tokenize_left
+
+
+def make(B=3, T=5, H=16, V=37, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(H, V, bias=False).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g) * 0.5)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return hidden, head, targets
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 1024])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_matches_naive_fp32(chunk, temperature):
+    hidden, head, targets = make()
+    got = token_stats(hidden, head, targets, temperature, chunk, with_entropy=True)
+    want = naive_token_stats(head(hidden), targets, temperature)
+    # Explicit loops over tokens as a second, independent reference.
+    logits = head(hidden).double() / temperature
+    for b in range(hidden.shape[0]):
+        for t in range(hidden.shape[1]):
+            p = torch.softmax(logits[b, t], -1)
+            assert got["logprobs"][b, t].item() == pytest.approx(torch.log(p[targets[b, t]]).item(), abs=1e-5)
+            assert got["entropy"][b, t].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
+    torch.testing.assert_close(got["logprobs"], want["logprobs"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["entropy"], want["entropy"], atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_bf16_close_to_fp32():
+    hidden, head, targets = make(dtype=torch.bfloat16)
+    got = token_stats(hidden, head, targets, 0.8, 3, with_entropy=True)
+    want = naive_token_stats(head.float()(hidden.float()), targets, 0.8)
+    torch.testing.assert_close(got["logprobs"], want["logprobs"], atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(got["entropy"], want["entropy"], atol=5e-2, rtol=2e-2)
+
+
+def test_topk_and_gather_with_tail():
+    hidden, head, targets = make(V=50)
+    k = 6
+    got = token_stats(hidden, head, targets, 0.9, 4, topk=k)
+    logp = F.log_softmax(head(hidden) / 0.9, -1)
+    assert torch.equal(got["topk_index"], logp.topk(k, -1).indices)
+    gathered = token_stats(hidden, head, targets, 0.9, 5, gather_index=got["topk_index"])["gathered"]
+    want_top = logp.gather(-1, got["topk_index"])
+    want_tail = torch.log(1 - want_top.exp().sum(-1))
+    torch.testing.assert_close(gathered[..., :k], want_top, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gathered[..., k], want_tail, atol=1e-5, rtol=1e-5)
+
+
+def test_log1mexp_stable():
+    x = torch.tensor([-1e-6, -0.1, -0.6931, -0.7, -5.0, -50.0], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x), torch.log(1 - torch.exp(x)), atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(log1mexp(torch.tensor([0.0, -1e-30]))).all()
+
+
+def test_gradients_match_naive():
+    hidden, head, targets = make()
+    h1 = hidden.clone().requires_grad_(True)
+    token_stats(h1, head, targets, 0.7, 4, with_entropy=True)["logprobs"].sum().backward()
+    g_head = head.weight.grad.clone()
+    head.weight.grad = None
+    h2 = hidden.clone().requires_grad_(True)
+    naive_token_stats(head(h2), targets, 0.7)["logprobs"].sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_head, head.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def full_logprobs(policy, ids, temperature):
+    """Naive: one unpadded forward of the whole sequence through the HF model, full softmax."""
+    logits = policy.lm(input_ids=ids[None]).logits[0]
+    return F.log_softmax(logits.float() / temperature, -1)[:-1].gather(-1, ids[1:, None]).squeeze(-1)
+
+
+def test_policy_scores_left_padded_rows_like_unpadded(policy, tokenizer):
+    prompts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nCompute 12+34+56.<|im_end|>\n<|im_start|>assistant\n", "hi"]
+    completions = ["1+2=3\nAnswer: 3<|im_end|>", "12+34=46<|im_end|>", "x<|im_end|>"]
+    p_ids, p_mask = tokenize_left(tokenizer, prompts, torch.device("cpu"))
+    c = [tokenizer(t, add_special_tokens=False).input_ids for t in completions]
+    T = max(map(len, c))
+    c_ids = torch.tensor([x + [tokenizer.pad_token_id] * (T - len(x)) for x in c])
+    c_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in c])
+    with torch.no_grad():
+        got = score_completions(policy, p_ids, p_mask, c_ids, c_mask, 0.7, chunk_size=5, micro_rows=2, with_entropy=True)
+        for i, (p, x) in enumerate(zip(prompts, c)):
+            ids = torch.tensor(tokenizer(p, add_special_tokens=False).input_ids + x)
+            want = full_logprobs(policy, ids, 0.7)[-len(x):]
+            torch.testing.assert_close(got["logprobs"][i, :len(x)], want, atol=1e-5, rtol=1e-4)
+            assert (got["logprobs"][i, len(x):] == 0).all()  # padding is zeroed, never scored
