@@ -57,6 +57,12 @@ def shard(policy: nn.Module, d: Dist) -> nn.Module:
     for layer in policy.lm.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(policy, mp_policy=mp)
+    # FSDP2 initialises lazily on the first forward and insists it goes through the root; generation
+    # calls the inner LM directly, so run one tiny forward through the root now.
+    with torch.no_grad():
+        ids = torch.zeros(1, 2, dtype=torch.long, device=d.device)
+        policy(ids, torch.ones_like(ids), completion_len=1)
+    policy.reshard()  # the root stays unsharded after forward; the optimizer must see sharded params
     return policy
 
 
