@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -89,13 +91,177 @@ def load_local(path: str | Path) -> list[Example]:
     return examples
 
 
+MATH_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+CODE_TEMPLATE = ("{task}\n\nYour code should pass this test:\n{test}\n\n"
+                 "Write the Python function in a single fenced ```python code block.")
+DATA_DIR_ENV = "CLEANSD_DATA_DIR"
+"""If set, registered datasets load from $CLEANSD_DATA_DIR/{name}/{split}.parquet|.jsonl|.json, not the hub."""
+LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+# DAPO-Math-17k wraps every problem in this instruction (verl format); ours replaces it.
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the form "
+               "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+class Row:
+    """One dataset row and where it came from, so that a missing field names the dataset, row and field."""
+
+    def __init__(self, data: dict, where: str):
+        self.data, self.where = data, where
+
+    def __getitem__(self, path: str) -> Any:
+        """The value at a dotted `path` (e.g. `reward_model.ground_truth`); absent, null or empty is an error."""
+        value: Any = self.data
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+            if value in (None, "", []):
+                raise DataError(f"{self.where}: missing field '{path}' (fields present: {sorted(self.data)})")
+        return value
+
+    def get(self, name: str) -> Any:
+        """An optional top-level field (None if absent)."""
+        return self.data.get(name)
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces included."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not starts:
+        return None
+    depth = 1
+    for i in range(starts[-1], len(text)):
+        if text[i - 1] == "\\":  # \{ and \} are literal braces of the answer (a set), not grouping
+            continue
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[starts[-1]:i].strip() or None
+    return None
+
+
+def gsm8k_row(row: Row) -> Example | None:
+    """openai/gsm8k: `question`; `answer` is the reasoning with <<calculator>> annotations, then `#### N`."""
+    reasoning, hashes, final = row["answer"].rpartition("####")
+    if not hashes:
+        return None
+    return Example(MATH_TEMPLATE.format(problem=row["question"].strip()), final.strip().replace(",", ""),
+                   solution=re.sub(r"<<.*?>>", "", reasoning).strip(), task="math")
+
+
+def math_row(row: Row) -> Example | None:
+    """MATH-style rows: `problem`, `solution`; the answer is the `answer` field, else the solution's last box."""
+    answer = row.get("answer")
+    answer = last_boxed(row["solution"]) if answer in (None, "") else str(answer).strip()
+    if answer is None:
+        return None
+    return Example(MATH_TEMPLATE.format(problem=row["problem"].strip()), answer, solution=row.get("solution"),
+                   task="math")
+
+
+def dapo_row(row: Row) -> Example:
+    """DAPO-Math-17k: `prompt` is a chat list whose user turn wraps the problem; `reward_model.ground_truth`."""
+    user = next((turn.get("content") for turn in row["prompt"] if turn.get("role") == "user"), None)
+    if not user:
+        raise DataError(f"{row.where}: field 'prompt' has no user message")
+    # Strip only the exact known wrapper; any other text is kept whole as the problem.
+    problem = user.removeprefix(DAPO_PREFIX).removesuffix(DAPO_SUFFIX).strip()
+    return Example(MATH_TEMPLATE.format(problem=problem), str(row["reward_model.ground_truth"]).strip(), task="math")
+
+
+def mbpp_row(row: Row) -> Example:
+    """MBPP (config full): `text`, reference `code`, `test_list` asserts, optional `test_setup_code`."""
+    asserts, setup = list(row["test_list"]), (row.get("test_setup_code") or "").strip()
+    code = row["code"].replace("\r\n", "\n").strip()
+    # The first assert shows the function's name and signature; setup (imports) goes before every assert.
+    return Example(CODE_TEMPLATE.format(task=row["text"].strip(), test=asserts[0]), "\n".join(asserts),
+                   solution=f"```python\n{code}\n```", tests=[f"{setup}\n{t}" if setup else t for t in asserts],
+                   task="code")
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A registered dataset: where each split lives on the hub and how one of its rows becomes an Example."""
+
+    name: str
+    splits: dict[str, tuple[str, str | None, str]]
+    """Our split (train/test) -> (hub id, config, hub split)."""
+    row: Callable[[Row], Example | None]
+    """Maps one row; None for a row without a usable final answer (skipped and counted)."""
+
+    def __call__(self, split: str) -> list[Example]:
+        """The split's Examples, from the hub or from $CLEANSD_DATA_DIR; duplicate prompts are dropped."""
+        if split not in self.splits:
+            fix = (f"'{self.name}' is eval-only: train on another dataset and pass --eval-dataset {self.name}"
+                   if split == "train" else "pass --eval-dataset with a dataset that has one (e.g. math or aime)")
+            raise DataError(f"dataset '{self.name}' has no {split} split: {fix}")
+        rows, source = self._rows(split)
+        examples, seen, skipped = [], set(), 0
+        for i, data in enumerate(rows):
+            row = Row(data, f"{self.name} {split} row {i} ({source})")
+            example = self.row(row)
+            if example is None:
+                skipped += 1
+            elif example.prompt not in seen:  # DAPO-Math-17k lists each problem about 100 times
+                seen.add(example.prompt)
+                example.meta["row"] = row.where
+                examples.append(example)
+        if skipped:
+            print(f"note: {self.name} {split}: skipped {skipped} row(s) without a final answer", flush=True)
+        if not examples:
+            raise DataError(f"{self.name} {split}: no usable rows in {source}")
+        return examples
+
+    def _rows(self, split: str) -> tuple[Iterable[dict], str]:
+        """The split's raw rows (a `datasets.Dataset`) and a description of their source."""
+        import datasets
+
+        hub_id, config, hub_split = self.splits[split]
+        root = os.environ.get(DATA_DIR_ENV)
+        if root:
+            files = sorted(p for p in Path(root, self.name).glob(f"{split}[.-]*") if p.suffix in LOCAL_BUILDERS)
+            builders = {LOCAL_BUILDERS[p.suffix] for p in files}
+            if len(builders) != 1:
+                raise DataError(f"{DATA_DIR_ENV}={root}: need {self.name}/{split}.parquet, .jsonl or .json (one "
+                                f"format, fields as on the hub in {hub_id}), found {[p.name for p in files]}; or "
+                                f"unset {DATA_DIR_ENV} to load from the hub")
+            source = ", ".join(map(str, files))
+            try:
+                return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train"), source
+            except Exception as e:
+                raise DataError(f"cannot read {source}: {_first_line(e)}") from e
+        try:
+            return datasets.load_dataset(hub_id, config, split=hub_split), hub_id
+        except Exception as e:  # offline, unknown repo, auth...: all need the same fix
+            raise DataError(
+                f"cannot load '{self.name}' ({hub_id}, config {config}, split {hub_split}) from the Hugging Face hub: "
+                f"{_first_line(e)}. With no network, put the split's file(s) in the hub's schema at "
+                f"$CLEANSD_DATA_DIR/{self.name}/{split}.parquet (or .jsonl), or pass --dataset a local .jsonl/.parquet "
+                f"file with fields prompt, answer[, solution, tests, task]") from e
+
+
+def _first_line(error: Exception) -> str:
+    """`Type: first line of the message` of a library error, to quote in ours."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def toy_split(split: str) -> list[Example]:
     from common import toy
 
     return toy.examples(split)
 
 
-REGISTRY: dict[str, Callable[[str], list[Example]]] = {"toy": toy_split}
+HUB_DATASETS = [
+    HubDataset("gsm8k", {"train": ("openai/gsm8k", "main", "train"), "test": ("openai/gsm8k", "main", "test")},
+               gsm8k_row),
+    # MATH-lighteval holds the full 7.5k MATH train set in one config (hendrycks_math splits it by subject).
+    HubDataset("math", {"train": ("DigitalLearningGmbH/MATH-lighteval", "default", "train"),
+                        "test": ("HuggingFaceH4/MATH-500", None, "test")}, math_row),
+    HubDataset("dapo-math", {"train": ("BytedTsinghua-SIA/DAPO-Math-17k", None, "train")}, dapo_row),
+    HubDataset("aime", {"test": ("HuggingFaceH4/aime_2024", None, "train")}, math_row),  # its only hub split
+    HubDataset("mbpp", {"train": ("google-research-datasets/mbpp", "full", "train"),
+                        "test": ("google-research-datasets/mbpp", "full", "test")}, mbpp_row),
+]
+REGISTRY: dict[str, Callable[[str], list[Example]]] = {"toy": toy_split, **{d.name: d for d in HUB_DATASETS}}
 """Registered dataset names -> loader(split) returning Examples."""
 
 
