@@ -42,7 +42,8 @@ def init_dist() -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # CPU-side statistics are reduced over gloo even on GPU runs (nccl only takes CUDA tensors).
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return Dist(int(os.environ.get("RANK", "0")), world_size, local_rank, device)
 
 

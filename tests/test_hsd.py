@@ -1,0 +1,172 @@
+"""hsd.py: peer choice, the hindsight block, divergence diagnostics, skip masking, end-to-end runs."""
+import json
+import math
+import zlib
+
+import pytest
+import torch
+import tyro
+
+import grpo
+import hsd
+import sd
+from common.data import Example
+from common.verifiers import Verdict
+
+OK, BAD = Verdict(1.0, True, ""), Verdict(0.0, False, "")
+
+
+def test_peer_never_self_same_group_successful_and_fallbacks():
+    # Group 0: all fail; group 1: one success (row 5); group 2: three successes; group 3: all succeed.
+    correct = torch.tensor([0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)
+    lengths = torch.tensor([5, 6, 7, 8, 9, 3, 2, 1, 7, 2, 4, 4, 9, 8, 7, 6])
+    for mode in ("random", "first", "shortest"):
+        for seed in range(20):
+            peers = hsd.choose_peers(correct, 4, mode, torch.Generator().manual_seed(seed), lengths)
+            assert peers.dtype == torch.long and peers.shape == (16,)
+            assert (peers[:4] == -1).all()  # all-fail group: answer-only fallback
+            assert peers[5] == -1 and (peers[[4, 6, 7]] == 5).all()  # the only success has no peer
+            for i, p in enumerate(peers.tolist()[8:], start=8):
+                assert p != i and p // 4 == i // 4 and correct[p]
+    first = hsd.choose_peers(correct, 4, "first")
+    assert first[8:].tolist() == [10, 8, 8, 8, 13, 12, 12, 12]
+    shortest = hsd.choose_peers(correct, 4, "shortest", lengths=lengths)
+    assert shortest[8:].tolist() == [10, 10, 11, 10, 15, 15, 15, 14]  # ties (rows 10, 11) go to the lower index
+
+
+def test_random_peer_is_uniform_over_other_successes_and_leaves_global_rng_alone():
+    correct = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0], dtype=torch.bool)
+    state = torch.random.get_rng_state()
+    draws = torch.stack([hsd.choose_peers(correct, 8, "random", torch.Generator().manual_seed(s)) for s in range(3000)])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for row, options in [(0, [1, 3, 4, 6]), (3, [1, 4, 6])]:
+        counts = torch.tensor([(draws[:, row] == j).sum().item() for j in options], dtype=torch.float)
+        assert counts.sum() == 3000
+        expected = 3000 / len(options)
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi2 < 16.3  # chi-square, <= 3 degrees of freedom, p = 0.001
+    again = hsd.choose_peers(correct, 8, "random", torch.Generator().manual_seed(7))
+    assert torch.equal(again, draws[7])
+
+
+def test_hindsight_block_format_and_fallback():
+    assert hsd.hindsight_block("12+34=46\nAnswer: 46", "46") == \
+        "A correct solution:\n\n12+34=46\nAnswer: 46\n\nThe correct final answer is: 46"
+    ex = Example("Compute 12+34.", "46")
+    assert hsd.privileged_block(ex, BAD, "  raw text, kept as is \n", True) == \
+        "A correct solution:\n\n  raw text, kept as is \n\n\nThe correct final answer is: 46\n\nYour previous attempt was incorrect."
+    assert hsd.privileged_block(ex, OK, None, True) == "The correct final answer is: 46\n\nYour previous attempt was correct."
+    assert hsd.privileged_block(ex, BAD, None, False) == sd.answer_block(ex)
+
+
+def test_divergence_index_hand_built():
+    P = 0  # padding id; equal padding beyond the lengths must not extend the prefix
+    a = torch.tensor([[5, 6, 7, 8, P], [1, 2, 3, P, P], [4, 4, 4, 4, 4], [9, 1, P, P, P], [1, 2, 3, 4, P]])
+    b = torch.tensor([[5, 6, 9, 8, P], [1, 2, 3, 4, P], [3, 4, 4, 4, 4], [9, 1, P, P, P], [1, 2, 3, 4, P]])
+    a_len, b_len = torch.tensor([4, 3, 5, 2, 4]), torch.tensor([4, 4, 5, 2, 3])
+    assert hsd.divergence_index(a, b, a_len, b_len).tolist() == [2, 3, 0, 2, 3]
+
+
+def test_credit_mass_near_and_argmin_offset_hand_built():
+    delta = torch.tensor([[0.5, -1.0, 0.0, -2.0, -1.0, 0.3, -4.0, 9.9],   # last token is padding
+                          [0.1, 0.2, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0],      # no negative credit
+                          [-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -3.0]])
+    mask = torch.tensor([[1.0] * 7 + [0.0], [1.0] * 4 + [0.0] * 4, [1.0] * 8])
+    d = torch.tensor([3, 1, 0])
+    share = hsd.credit_mass_near(delta, mask, d, 1)
+    torch.testing.assert_close(share, torch.tensor([3.0 / 8.0, 0.0, 0.25]))  # row 0: (-2-1)/(-1-2-1-4)
+    torch.testing.assert_close(hsd.credit_mass_near(delta, mask, d, 3), torch.tensor([1.0, 0.0, 0.25]))
+    assert hsd.argmin_offset(delta, mask, d).tolist() == [3, 1, 7]  # row 1: first minimum (t=2) - 1
+
+
+def test_hsd_metrics_hand_built():
+    # Group 0: rows 1 and 3 succeed (their credit must not count); group 1 fails entirely.
+    correct = torch.tensor([0, 1, 0, 1, 0, 0, 0, 0], dtype=torch.bool)
+    peers = torch.tensor([1, 3, 1, 1, -1, -1, -1, -1])
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 9, 9], [1, 7, 7, 7], [5, 5, 5, 5]] + [[0, 0, 0, 0]] * 4)
+    credit = torch.zeros(8, 4)
+    credit[0, 2], credit[2, 1], credit[2, 3], credit[1, 0], credit[3, 3] = -1.0, -1.0, -3.0, -5.0, -5.0
+    m = hsd.hsd_metrics(correct, peers, 4, ids, torch.ones(8, 4), {"": credit, "_answer_only": torch.zeros(8, 4)}, 0)
+    assert m["hsd/frac_rows_with_peer"] == 0.5 and m["hsd/frac_all_fail_groups"] == 0.5
+    assert m["hsd/frac_rows_diagnosed"] == 0.25
+    assert m["hsd/div_index_mean"] == pytest.approx((2 + 1) / 2)  # rows 0 and 2 against row 1
+    assert m["hsd/credit_mass_near_div"] == pytest.approx((1 + 0.25) / 2)
+    assert m["hsd/argmin_offset_mean"] == pytest.approx((0 + 2) / 2)
+    assert m["hsd/credit_mass_near_div_answer_only"] == 0.0
+    assert m["hsd/argmin_offset_mean_answer_only"] == pytest.approx((-2 - 1) / 2)  # no credit: argmin at t=0
+    assert m["hsd/argmin_abs_offset_mean_answer_only"] == pytest.approx(1.5)
+    none = hsd.hsd_metrics(torch.zeros(8, dtype=torch.bool), torch.full((8,), -1), 4, ids, torch.ones(8, 4),
+                           {"": credit}, 8)
+    assert math.isnan(none["hsd/credit_mass_near_div"]) and none["hsd/frac_all_fail_groups"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end on the random tiny model: a stand-in verifier marks about half the rows correct, so
+# groups have peers, single successes and all-fail groups.
+
+FAST = ["--total-steps", "2", "--num-prompts", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-every", "0"]
+HSD_KEYS = ["hsd/frac_rows_with_peer", "hsd/frac_all_fail_groups", "hsd/div_index_mean", "hsd/credit_mass_near_div",
+            "hsd/credit_mass_near_div_answer_only", "hsd/argmin_offset_mean", "hsd/argmin_offset_mean_answer_only",
+            "sd/pmi_seq_mean", "sd/frac_rows_distilled", "reward/mean"]
+
+
+def coin_verify(example, completion):
+    ok = zlib.crc32(completion.encode()) % 2 == 0
+    return Verdict(float(ok), ok, "")
+
+
+@pytest.fixture()
+def captured(monkeypatch):
+    """Record what hsd.main hands to the teacher and to the update, and verify with `coin_verify`."""
+    calls = {"teacher": [], "update": []}
+    score, update = sd.score_teacher, grpo.ppo_update
+    monkeypatch.setattr(grpo, "verify", coin_verify)
+    monkeypatch.setattr(sd, "score_teacher", lambda run, args, batch, blocks, **kw:
+                        calls["teacher"].append((batch, blocks)) or score(run, args, batch, blocks, **kw))
+    monkeypatch.setattr(grpo, "ppo_update", lambda run, args, batch, adv, old, ref, step, extra=None:
+                        calls["update"].append((batch, adv, extra)) or update(run, args, batch, adv, old, ref, step, extra))
+    return calls
+
+
+def run_script(model, out, *extra):
+    hsd.main(tyro.cli(hsd.Args, args=["--model", str(model), "--output-dir", str(out), *FAST, *extra]))
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_token_mode_runs_with_peer_contexts_and_all_metrics(tiny_model_dir, tmp_path, captured):
+    rows = run_script(tiny_model_dir, tmp_path / "t", "--total-steps", "3", "--diagnostics-every", "2")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(k in rows[0] and k in rows[2] for k in HSD_KEYS)
+    assert "hsd/credit_mass_near_div_answer_only" not in rows[1] and "hsd/credit_mass_near_div" in rows[1]
+    assert len(captured["teacher"]) == 5  # 3 peer-conditioned passes + 2 answer-only passes
+    for batch, blocks in [captured["teacher"][i] for i in (0, 2, 3)]:
+        texts, seen_peer = batch.rollout.texts, False
+        for i, (block, v) in enumerate(zip(blocks, batch.verdicts)):
+            group = range(i // 4 * 4, i // 4 * 4 + 4)
+            peers = [j for j in group if j != i and batch.verdicts[j].correct]
+            if peers:
+                assert any(block.startswith(hsd.hindsight_block(texts[j], batch.examples[i].answer)) for j in peers)
+                seen_peer = True
+            else:
+                assert block.startswith(sd.answer_block(batch.examples[i]))
+            assert block.endswith("Your previous attempt was correct." if v.correct else "Your previous attempt was incorrect.")
+        assert seen_peer
+    _, answer_only = captured["teacher"][1]
+    assert all(b.startswith("The correct final answer is: ") for b in answer_only)
+
+
+def test_skip_leaves_successful_rows_out_of_sd(tiny_model_dir, tmp_path, captured):
+    rows = run_script(tiny_model_dir, tmp_path / "t", "--on-success", "skip", "--total-steps", "1")
+    batch, adv, extra = captured["update"][0]
+    correct = torch.tensor([v.correct for v in batch.verdicts])
+    a = grpo.group_advantages(batch.rewards, 4, "group")
+    assert 0 < correct.sum() < len(correct) and extra is None
+    assert torch.equal(adv[correct], a[correct][:, None].expand(-1, adv.shape[1]))  # exactly A_i
+    assert not torch.equal(adv[~correct], a[~correct][:, None].expand(-1, adv.shape[1]))  # failed rows get credit
+    assert rows[0]["sd/frac_rows_distilled"] == pytest.approx(1 - correct.float().mean().item())
+
+    rows = run_script(tiny_model_dir, tmp_path / "l", "--on-success", "skip", "--sd-loss", "logit", "--topk", "8")
+    assert all(k in r for r in rows for k in HSD_KEYS) and rows[0]["loss/distill"] > 0
+    for batch, adv, extra in captured["update"][1:]:
+        correct, mask = torch.tensor([v.correct for v in batch.verdicts]), batch.rollout.completion_mask.float()
+        assert (extra.mask[correct] == 0).all() and torch.equal(extra.mask[~correct], mask[~correct])
