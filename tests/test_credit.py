@@ -1,0 +1,144 @@
+"""credit.py: alpha=0 == sd.py, cancellation with self-partners, the derangement, K-averaging, naive loop."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import tyro
+
+import credit
+import grpo
+import sd
+from common.data import Example
+from common.dist import Dist
+from common.logprobs import score_completions
+from common.rollout import generate, render_prompts
+from common.teacher import teacher_prompt
+from common.verifiers import Verdict
+from test_sd import run_script
+
+PROBLEMS = ["Compute 12+34.", "Compute 5+67+8+9.", "Compute 1+2."]
+G = 2
+
+
+@torch.no_grad()
+def toy_batch(policy, tokenizer, seed=0):
+    """A rollout of G completions for each of PROBLEMS, as the training loop's Batch, plus z_i blocks."""
+    torch.manual_seed(seed)
+    r = generate(policy, tokenizer, render_prompts(tokenizer, PROBLEMS), G, 12)
+    examples = [Example(p, str(i)) for i, p in enumerate(PROBLEMS) for _ in range(G)]
+    verdicts = [Verdict(float(i % 2), bool(i % 2), "") for i in range(len(examples))]
+    batch = grpo.Batch(r, examples, verdicts, torch.tensor([v.reward for v in verdicts]), len(PROBLEMS))
+    blocks = [sd.privileged_block(e, v, "answer", True) for e, v in zip(examples, verdicts)]
+    return batch, blocks
+
+
+def fake_run(policy, tokenizer):
+    """The fields of a Run that teacher scoring reads."""
+    return SimpleNamespace(tokenizer=tokenizer, d=Dist(), policy=policy, teacher=None)
+
+
+def test_partners_are_a_seeded_derangement_over_groups():
+    P, K = 5, 3
+    partners = credit.contrast_partners(P, G, K, (1, 0, 7))
+    assert partners.shape == (P * G, K) and partners.dtype == torch.long
+    own = torch.arange(P).repeat_interleave(G)
+    assert (partners != own[:, None]).all()  # never the row's own prompt group
+    assert all(len(set(row.tolist())) == K for row in partners)  # K distinct partners when K <= P-1
+    assert (partners.view(P, G, K) == partners.view(P, G, K)[:, :1]).all()  # a group's rows share partners
+    for k in range(K):  # each k is a permutation of the groups
+        assert sorted(partners[::G, k].tolist()) == list(range(P))
+    assert torch.equal(partners, credit.contrast_partners(P, G, K, (1, 0, 7)))
+    draws = {tuple(credit.contrast_partners(P, G, 1, (seed, 0, step))[::G, 0].tolist()) for seed in (1, 2) for step in range(4)}
+    assert len(draws) > 1
+    # K > P-1 cycles through the other groups again, still never the own one.
+    assert (credit.contrast_partners(2, 3, 4, 0) == (1 - torch.arange(2)).repeat_interleave(3)[:, None]).all()
+
+
+def test_one_prompt_per_rank_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="raise --num-prompts"):
+        credit.contrast_partners(1, 8, 1, 0)
+    args = tyro.cli(credit.Args, args=["--num-prompts", "1", "--output-dir", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="raise --num-prompts"):
+        credit.main(args)
+    with pytest.raises(ValueError, match="--sd-loss logit"):
+        credit.main(tyro.cli(credit.Args, args=["--sd-loss", "logit", "--output-dir", str(tmp_path / "r")]))
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_k_partners_average_in_log_space():
+    g = torch.Generator().manual_seed(0)
+    K, B, T, alpha = 3, 4, 5, 0.7
+    t, s = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    c = torch.randn(K, B, T, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    got = credit.contrastive_credit(t, c, s, alpha, mask)
+    for b in range(B):
+        for i in range(T):
+            mean_log = sum(c[k, b, i].item() for k in range(K)) / K
+            want = (t[b, i].item() - alpha * mean_log - s[b, i].item()) * mask[b, i].item()
+            assert got[b, i].item() == pytest.approx(want, abs=1e-6)
+    assert torch.equal(credit.contrastive_credit(t, c, s, 0.0, mask), sd.token_credit(t, s, mask))  # bitwise
+
+
+@torch.no_grad()
+def test_own_prompt_as_partner_cancels_teacher_at_alpha_one(policy, tokenizer):
+    batch, blocks = toy_batch(policy, tokenizer)
+    args = credit.Args(group_size=G, micro_batch_rows=4, logprob_chunk=7)  # micro-batches mix rows differently per pass
+    run = fake_run(policy, tokenizer)
+    old, _ = grpo.score_old_and_ref(run, args, batch)
+    teacher = sd.score_teacher(run, args, batch, blocks)
+    own = torch.arange(len(PROBLEMS)).repeat_interleave(G)[:, None].repeat(1, 2)
+    contrast = credit.score_contrast(run, args, batch, blocks, own)
+    mask = batch.rollout.completion_mask.float()
+    delta = credit.contrastive_credit(teacher["logprobs"], contrast, old["logprobs"], 1.0, mask)
+    torch.testing.assert_close(delta, -old["logprobs"] * mask, atol=1e-5, rtol=0)
+    assert (old["logprobs"] * mask).abs().sum() > 1  # the check is not vacuous
+
+
+@torch.no_grad()
+def test_naive_per_row_per_partner_loop_matches_batched_credit(policy, tokenizer):
+    batch, blocks = toy_batch(policy, tokenizer, seed=3)
+    args = credit.Args(group_size=G, micro_batch_rows=5, logprob_chunk=6, num_contrast=2)
+    run = fake_run(policy, tokenizer)
+    partners = credit.contrast_partners(len(PROBLEMS), G, 2, (1, 0, 0))
+    old, _ = grpo.score_old_and_ref(run, args, batch)
+    teacher = sd.score_teacher(run, args, batch, blocks)
+    r, mask = batch.rollout, batch.rollout.completion_mask.float()
+    got = credit.contrastive_credit(teacher["logprobs"], credit.score_contrast(run, args, batch, blocks, partners),
+                                    old["logprobs"], 0.5, mask)
+
+    def row_logprobs(prompt_text, y):
+        """log p(y_t | prompt, y_<t) from one unpadded row."""
+        p = torch.tensor(tokenizer(prompt_text, add_special_tokens=False).input_ids)[None]
+        return score_completions(policy, p, torch.ones_like(p), y[None], torch.ones_like(y)[None], 1.0, 1024, 1)["logprobs"][0]
+
+    for i in range(r.completion_ids.shape[0]):
+        y = r.completion_ids[i][r.completion_mask[i].bool()]
+        s = row_logprobs(render_prompts(tokenizer, [PROBLEMS[i // G]])[0], y)
+        t = row_logprobs(render_prompts(tokenizer, [teacher_prompt(PROBLEMS[i // G], blocks[i])])[0], y)
+        c = [row_logprobs(render_prompts(tokenizer, [teacher_prompt(PROBLEMS[g], blocks[i])])[0], y)
+             for g in partners[i].tolist()]
+        assert partners[i].tolist() != [i // G] * 2
+        for j in range(len(y)):
+            want = t[j].item() - 0.5 * (c[0][j].item() + c[1][j].item()) / 2 - s[j].item()
+            assert got[i, j].item() == pytest.approx(want, abs=1e-5)
+        assert (got[i, len(y):] == 0).all()
+
+
+def test_alpha_zero_reproduces_sd(tiny_model_dir, tmp_path):
+    s = run_script(sd, tiny_model_dir, tmp_path / "s", "--sd-loss", "token")
+    c = run_script(credit, tiny_model_dir, tmp_path / "c", "--alpha", "0", "--num-contrast", "2")
+    assert len(s) == len(c) == 3
+    for a, b in zip(s, c):
+        shared = [k for k in a if not k.startswith("perf/")]
+        assert {k: a[k] for k in shared} == {k: b[k] for k in shared}
+        assert b["credit/contrast_mean"] == 0 and b["credit/sign_flip_frac"] == 0
+        assert b["credit/input_specific_mean"] == pytest.approx(b["sd/teacher_logp_mean"], abs=1e-6)
+        assert -1 <= b["credit/corr_teacher_contrast"] <= 1
+
+
+def test_alpha_half_runs_and_flips_some_signs(tiny_model_dir, tmp_path):
+    rows = run_script(credit, tiny_model_dir, tmp_path / "c", "--total-steps", "1", "--eval-every", "0")
+    m = rows[0]
+    assert m["credit/contrast_mean"] < 0 and 0 < m["credit/sign_flip_frac"] < 1
+    assert m["credit/input_specific_mean"] == pytest.approx(m["sd/teacher_logp_mean"] - m["credit/contrast_mean"], abs=1e-5)
