@@ -61,7 +61,7 @@ import tyro
 import grpo
 import sd
 from common.data import Example
-from common.dist import all_reduce, cleanup, gather_floats
+from common.dist import all_reduce, gather_floats
 from common.run import setup
 from common.verifiers import Verdict
 
@@ -206,7 +206,7 @@ def main(args: Args) -> None:
         gate.load_state_dict(run.extra["gate"])
     for step in range(run.start_step, args.total_steps):
         t0 = time.perf_counter()
-        metrics = run.evaluate(step) if run.is_eval_step(step) and step < args.total_steps - 1 else {}
+        metrics = run.evaluate_before(step)
 
         # 1. Rollout and verify; GRPO group advantage A_i.
         batch = grpo.collect_batch(run, args)
@@ -241,22 +241,14 @@ def main(args: Args) -> None:
         metrics |= grpo.ppo_update(run, args, batch, token_advantages, old["logprobs"], None, step)
 
         distilled = torch.full((mask.shape[0],), g * args.lam_max != 0, device=mask.device)
-        metrics |= grpo.rollout_metrics(run, args, batch, advantages.cpu())
         metrics |= sd.sd_metrics(credit, teacher, mask, distilled, t_teacher)
         has_peer = torch.tensor([p is not None for p in peers], device=mask.device)
         metrics |= antisd_metrics(delta, credit, token_advantages, mask, has_peer)
         metrics |= {"gate/entropy_median": h, "gate/on": g}
         if gate.h_warm is not None:  # known from the last warm-up step on
             metrics["gate/h_warm"] = gate.h_warm
-        metrics["policy/entropy"] = (all_reduce((old["entropy"] * mask).sum()) / all_reduce(mask.sum())).item()
-        if step == args.total_steps - 1 and run.is_eval_step(step):
-            metrics |= run.evaluate(step)
-        metrics["perf/step_s"] = time.perf_counter() - t0
-        grpo.log_step(run, step, metrics, batch)
-        if run.should_save(step):
-            run.save(step + 1, extra={"gate": gate.state_dict()})
-    run.tracker.finish()
-    cleanup()
+        grpo.finish_step(run, args, step, t0, metrics, batch, advantages, old, {"gate": gate.state_dict()})
+    run.close()
 
 
 if __name__ == "__main__":

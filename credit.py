@@ -48,7 +48,7 @@ import tyro
 
 import grpo
 import sd
-from common.dist import all_reduce, cleanup
+from common.dist import all_reduce
 from common.rollout import select_rows
 from common.run import Run, setup
 
@@ -129,7 +129,7 @@ def main(args: Args) -> None:
     run = setup(args, "credit", with_teacher=args.teacher != "current")
     for step in range(run.start_step, args.total_steps):
         t0 = time.perf_counter()
-        metrics = run.evaluate(step) if run.is_eval_step(step) and step < args.total_steps - 1 else {}
+        metrics = run.evaluate_before(step)
 
         # 1. Rollout and verify; GRPO group advantage A_i.
         batch = grpo.collect_batch(run, args)
@@ -159,18 +159,10 @@ def main(args: Args) -> None:
         if args.teacher == "ema":
             sd.ema_update(run.teacher, run.policy, args.ema_rate)
 
-        metrics |= grpo.rollout_metrics(run, args, batch, advantages.cpu())
         metrics |= sd.sd_metrics(credit, teacher, mask, distilled, t_teacher)
         metrics |= credit_metrics(teacher["logprobs"], contrast, old["logprobs"], credit, args.alpha, mask)
-        metrics["policy/entropy"] = (all_reduce((old["entropy"] * mask).sum()) / all_reduce(mask.sum())).item()
-        if step == args.total_steps - 1 and run.is_eval_step(step):
-            metrics |= run.evaluate(step)
-        metrics["perf/step_s"] = time.perf_counter() - t0
-        grpo.log_step(run, step, metrics, batch)
-        if run.should_save(step):
-            run.save(step + 1)
-    run.tracker.finish()
-    cleanup()
+        grpo.finish_step(run, args, step, t0, metrics, batch, advantages, old)
+    run.close()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import tyro
 
 from common.args import TrainArgs
 from common.data import Example
-from common.dist import all_reduce, cleanup, shard
+from common.dist import all_reduce, shard
 from common.logprobs import score_completions
 from common.models import load_policy
 from common.rollout import Rollout, concat_rollouts, generate, render_prompts, select_rows
@@ -155,8 +155,8 @@ class Batch:
 def collect_batch(run: Run, args: Args) -> Batch:
     """Roll out G completions for P prompts, verify, and (DAPO) keep informative groups."""
     G, P = args.group_size, run.local_prompts
-    kept_rows, parts, examples, verdicts, rewards, informative, sampled = [], [], [], [], [], [], 0
-    for round_ in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
+    parts, examples, verdicts, rewards, informative, sampled = [], [], [], [], [], 0
+    for _ in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
         prompts = run.sampler.take(P)
         r = generate(run.policy, run.tokenizer, render_prompts(run.tokenizer, [e.prompt for e in prompts], args.enable_thinking),
                      G, args.max_new_tokens, args.temperature, args.top_p, autocast=run.d.autocast)
@@ -286,12 +286,22 @@ def score_old_and_ref(run: Run, args: Args, batch: Batch, reference=None, **stat
     return old, ref
 
 
-def log_step(run: Run, step: int, metrics: dict, batch: Batch) -> None:
-    """Write the step's metrics and, every `sample_every` steps, a few completions."""
-    if run.args.sample_every > 0 and step % run.args.sample_every == 0:
-        run.tracker.samples(step, [{"split": "train", "prompt": e.prompt, "completion": t, "reward": float(rw)}
-                                   for e, t, rw in list(zip(batch.examples, batch.rollout.texts, batch.rewards))[:4]])
+def finish_step(run: Run, args: Args, step: int, t0: float, metrics: dict, batch: Batch, advantages: torch.Tensor,
+                old: dict, state: dict | None = None) -> None:
+    """The tail every loop shares: rollout statistics, final eval, samples, the metrics line, checkpoint."""
+    mask = batch.rollout.completion_mask.float()
+    metrics |= rollout_metrics(run, args, batch, advantages.cpu())
+    metrics["policy/entropy"] = (all_reduce((old["entropy"] * mask).sum()) / all_reduce(mask.sum())).item()
+    if step == args.total_steps - 1 and run.is_eval_step(step):
+        metrics |= run.evaluate(step)  # the last step reports the final policy
+    metrics["perf/step_s"] = time.perf_counter() - t0
+    metrics["perf/tokens_per_s"] = float(all_reduce(mask.sum())) / metrics["perf/step_s"]
+    if args.sample_every > 0 and step % args.sample_every == 0:
+        run.tracker.samples(step, [{"split": "train", "prompt": e.prompt, "completion": t, "reward": float(r)}
+                                   for e, t, r in list(zip(batch.examples, batch.rollout.texts, batch.rewards))[:4]])
     run.tracker.log(step, metrics)
+    if run.should_save(step):
+        run.save(step + 1, state)
 
 
 def main(args: Args) -> None:
@@ -302,7 +312,7 @@ def main(args: Args) -> None:
         reference = shard(load_policy(args.model, run.d.device).requires_grad_(False).eval(), run.d)
     for step in range(run.start_step, args.total_steps):
         t0 = time.perf_counter()
-        metrics = run.evaluate(step) if run.is_eval_step(step) and step < args.total_steps - 1 else {}
+        metrics = run.evaluate_before(step)
 
         # 1. Rollout: G completions per prompt, verified (DAPO: informative groups only).
         batch = collect_batch(run, args)
@@ -320,20 +330,9 @@ def main(args: Args) -> None:
         metrics |= ppo_update(run, args, batch, token_advantages, old["logprobs"], ref_logprobs, step)
         t_update = time.perf_counter()
 
-        mask = batch.rollout.completion_mask.float()
-        metrics |= rollout_metrics(run, args, batch, advantages.cpu())
-        metrics["policy/entropy"] = (all_reduce((old["entropy"] * mask).sum()) / all_reduce(mask.sum())).item()
-        if step == args.total_steps - 1 and run.is_eval_step(step):
-            metrics |= run.evaluate(step)  # the last step reports the final policy
-        metrics |= {"perf/step_s": time.perf_counter() - t0, "perf/generate_frac": (t_gen - t0) / (time.perf_counter() - t0),
-                    "perf/score_frac": (t_score - t_gen) / (time.perf_counter() - t0),
-                    "perf/update_frac": (t_update - t_score) / (time.perf_counter() - t0),
-                    "perf/tokens_per_s": float(mask.sum()) * run.d.world_size / (time.perf_counter() - t0)}
-        log_step(run, step, metrics, batch)
-        if run.should_save(step):
-            run.save(step + 1)
-    run.tracker.finish()
-    cleanup()
+        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_score}
+        finish_step(run, args, step, t0, metrics, batch, advantages, old)
+    run.close()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import tyro
 
 import grpo
 from common.data import Example
-from common.dist import all_reduce, cleanup
+from common.dist import all_reduce
 from common.logprobs import score_completions
 from common.run import Run, setup
 from common.teacher import teacher_inputs
@@ -188,7 +188,7 @@ def main(args: Args) -> None:
     run = setup(args, "sd", with_teacher=args.teacher != "current")
     for step in range(run.start_step, args.total_steps):
         t0 = time.perf_counter()
-        metrics = run.evaluate(step) if run.is_eval_step(step) and step < args.total_steps - 1 else {}
+        metrics = run.evaluate_before(step)
 
         # 1. Rollout and verify; GRPO group advantage A_i.
         batch = grpo.collect_batch(run, args)
@@ -221,17 +221,9 @@ def main(args: Args) -> None:
         if args.teacher == "ema":
             ema_update(run.teacher, run.policy, args.ema_rate)
 
-        metrics |= grpo.rollout_metrics(run, args, batch, advantages.cpu())
         metrics |= sd_metrics(credit, teacher, mask, distilled, t_teacher)
-        metrics["policy/entropy"] = (all_reduce((old["entropy"] * mask).sum()) / all_reduce(mask.sum())).item()
-        if step == args.total_steps - 1 and run.is_eval_step(step):
-            metrics |= run.evaluate(step)
-        metrics["perf/step_s"] = time.perf_counter() - t0
-        grpo.log_step(run, step, metrics, batch)
-        if run.should_save(step):
-            run.save(step + 1)
-    run.tracker.finish()
-    cleanup()
+        grpo.finish_step(run, args, step, t0, metrics, batch, advantages, old)
+    run.close()
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def main() -> None:
         vs_sd = f"{med / sd_base:.2f}x" if sd_base and name.startswith("credit") else ""
         print(f"{name:<11} {vs_grpo:>8} {vs_sd:>7}  {CLAIMS.get(name, '')}")
     if breakdown:
-        parts = {k: statistics.median(r[f"perf/{k}_frac"] for r in breakdown) for k in ("generate", "score", "update")}
+        parts = {k: statistics.median(r[f"perf/{k}_s"] / r["perf/step_s"] for r in breakdown)
+                 for k in ("generate", "score", "update")}
         print("\ngrpo.py step breakdown (median fractions): " + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()))
 
 

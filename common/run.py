@@ -11,7 +11,7 @@ import torch
 from common import checkpoint
 from common.args import TrainArgs, finalize, seed_everything
 from common.data import DataError, Example, PromptSampler, load_examples
-from common.dist import Dist, init_dist, shard
+from common.dist import Dist, cleanup, init_dist, shard
 from common.evaluation import evaluate
 from common.models import Policy, load_policy, load_tokenizer
 from common.rollout import render_prompts
@@ -59,6 +59,10 @@ class Run:
     def is_eval_step(self, step: int) -> bool:
         return self.args.eval_every > 0 and (step % self.args.eval_every == 0 or step == self.args.total_steps - 1)
 
+    def evaluate_before(self, step: int) -> dict[str, float]:
+        """Eval metrics of the policy before this step's update (eval steps except the last), else {}."""
+        return self.evaluate(step) if self.is_eval_step(step) and step < self.args.total_steps - 1 else {}
+
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out metrics; sample rows go to samples.jsonl."""
         a = self.args
@@ -72,6 +76,11 @@ class Run:
         """Checkpoint after `step` completed steps (all ranks call)."""
         checkpoint.save(self.out_dir, self.policy, self.optimizer, self.tokenizer, step,
                         {"sampler": self.sampler.state_dict(), **(extra or {})}, self.teacher)
+
+    def close(self) -> None:
+        """Finish tracking and leave the process group."""
+        self.tracker.finish()
+        cleanup()
 
     def should_save(self, step: int) -> bool:
         last = step == self.args.total_steps - 1
