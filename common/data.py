@@ -32,7 +32,7 @@ class Example:
     """Anything else worth keeping (source row index, id)."""
 
 
-LOCAL_FIELDS = {"prompt": str, "answer": str, "solution": (str, type(None)), "tests": (list, type(None)), "task": str}
+LOCAL_FIELDS = {"prompt": str, "answer": (str, int, float), "solution": (str, type(None)), "tests": (list, type(None)), "task": str}
 
 
 def example_from_row(row: dict, where: str, default_task: str = "math") -> Example:

@@ -1,0 +1,136 @@
+"""Side-by-side learning curves of the five algorithms on the toy default, over several seeds.
+
+Runs every algorithm with the same step budget and seeds (one subprocess per run, so runs are
+independent), collects each `metrics.jsonl`, and writes into `--out`:
+  curves.csv        one row per (algorithm, seed, eval step): step, wall time, eval accuracy
+  summary.csv       final held-out accuracy per algorithm: mean, std, min, max over seeds
+  curves.png        accuracy vs step and vs wall time, mean +- std band over seeds
+  diagnostics.png   the algorithms' own signals: SD pMI per row, CREDIT contrast term, AntiSD gate
+                    trace (teacher entropy median, H_warm, g), HSD credit mass near the divergence
+                    vs the answer-only teacher
+
+    python bench/compare.py                      # 3 seeds x 5 algorithms (about 25 minutes on 2 cores)
+    python bench/compare.py --quick              # 1 seed, a few steps: checks the pipeline end to end
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ALGORITHMS = ["grpo", "sd", "credit", "antisd", "hsd"]
+DIAGNOSTICS = {"sd": ["sd/pmi_seq_mean"], "credit": ["credit/contrast_mean"],
+               "antisd": ["gate/entropy_median", "gate/h_warm", "gate/on"],
+               "hsd": ["hsd/credit_mass_near_div", "hsd/credit_mass_near_div_answer_only"]}
+
+
+def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> list[dict]:
+    """Train one algorithm for one seed in a subprocess; returns its metrics rows."""
+    run_dir = out / "runs" / f"{algorithm}-{seed}"
+    cmd = [sys.executable, str(ROOT / f"{algorithm}.py"), "--seed", str(seed), "--total-steps", str(steps),
+           "--eval-every", str(eval_every), "--output-dir", str(run_dir), *extra]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    print(f"{algorithm:>7} seed {seed}: final eval/accuracy {rows[-1]['eval/accuracy']:.3f} "
+          f"({time.perf_counter() - started:.0f}s)", flush=True)
+    return rows
+
+
+def wall_times(rows: list[dict]) -> list[float]:
+    """Cumulative training wall time at the end of each step."""
+    total, out = 0.0, []
+    for r in rows:
+        total += r["perf/step_s"]
+        out.append(total)
+    return out
+
+
+def plot(results: dict[str, dict[int, list[dict]]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for algorithm, by_seed in results.items():
+        evals = {seed: [(r["step"], t, r["eval/accuracy"]) for r, t in zip(rows, wall_times(rows)) if "eval/accuracy" in r]
+                 for seed, rows in by_seed.items()}
+        steps = [s for s, _, _ in next(iter(evals.values()))]
+        accs = [[e[i][2] for e in evals.values()] for i in range(len(steps))]
+        times = [statistics.mean(e[i][1] for e in evals.values()) for i in range(len(steps))]
+        mean = [statistics.mean(a) for a in accs]
+        std = [statistics.pstdev(a) for a in accs]
+        for ax, x in zip(axes, (steps, times)):
+            ax.plot(x, mean, marker="o", label=algorithm)
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+    axes[0].set(xlabel="step", ylabel="held-out greedy accuracy", title="accuracy vs step")
+    axes[1].set(xlabel="training wall time (s, mean over seeds)", title="accuracy vs wall time")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+
+    present = [a for a in DIAGNOSTICS if a in results]
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
+    for ax, algorithm in zip(axes[0], present):
+        rows = next(iter(results[algorithm].values()))
+        for key in DIAGNOSTICS[algorithm]:
+            points = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+            if points:
+                ax.plot(*zip(*points), label=key, marker=".")
+        ax.set(title=algorithm, xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "diagnostics.png", dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--quick", action="store_true", help="one seed, 3 steps, small eval: a pipeline check")
+    p.add_argument("extra", nargs="*", help="flags passed to every script (after --)")
+    a = p.parse_args()
+    extra = list(a.extra)
+    if a.quick:
+        a.seeds, a.steps, a.eval_every = a.seeds[:1], 3, 2
+        extra += ["--eval-size", "16", "--num-prompts", "4", "--group-size", "4"]
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = {alg: {seed: run_one(alg, seed, a.steps, a.eval_every, a.out, extra) for seed in a.seeds}
+               for alg in a.algorithms}
+    with open(a.out / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["algorithm", "seed", "step", "wall_s", "eval_accuracy"])
+        for alg, by_seed in results.items():
+            for seed, rows in by_seed.items():
+                for r, t in zip(rows, wall_times(rows)):
+                    if "eval/accuracy" in r:
+                        w.writerow([alg, seed, r["step"], f"{t:.2f}", r["eval/accuracy"]])
+    with open(a.out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["algorithm", "initial_mean", "final_mean", "final_std", "final_min", "final_max", "seeds"])
+        print(f"\n{'algorithm':<8} {'initial':>8} {'final':>14} {'min':>6} {'max':>6}")
+        for alg, by_seed in results.items():
+            first = [rows[0]["eval/accuracy"] for rows in by_seed.values()]
+            final = [rows[-1]["eval/accuracy"] for rows in by_seed.values()]
+            row = [statistics.mean(first), statistics.mean(final), statistics.pstdev(final), min(final), max(final)]
+            w.writerow([alg, *(f"{v:.4f}" for v in row), len(final)])
+            print(f"{alg:<8} {row[0]:>8.3f} {row[1]:>8.3f} ± {row[2]:.3f} {row[3]:>6.3f} {row[4]:>6.3f}")
+    plot(results, a.out)
+    print(f"\nwrote {a.out}/curves.csv, summary.csv, curves.png, diagnostics.png")
+
+
+if __name__ == "__main__":
+    main()
