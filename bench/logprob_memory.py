@@ -1,8 +1,9 @@
-"""Peak memory of per-token log-probs with a large vocabulary: chunked path vs naive full-logits path.
+"""Peak memory of per-token log-probs with a large vocabulary: chunked paths vs the naive full-logits path.
 
 Each measurement runs in a fresh subprocess and reads its peak resident memory, so the ratios printed
-are from one run on one machine. The claim checked: the chunked path's peak grows with the chunk, not
-with batch x length x vocab.
+are from one run on one machine. The claim checked: the chunked paths' peak grows with the chunk, not
+with batch x length x vocab, both for plain log-probs and for sd.py's logit mode (entropy + top-k
+indices, then log-probs gathered at them with a tail bucket).
 
     python bench/logprob_memory.py [--vocab 151936 --hidden 256]
 """
@@ -29,8 +30,11 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.set_grad_enabled(grad):
     if mode == "naive":
         out = naive_token_stats(head(h), y)["logprobs"]
-    else:
+    elif mode == "chunked":
         out = token_stats(h, head, y, 1.0, chunk)["logprobs"]
+    else:  # sd.py logit mode: entropy, top-100 indices, then log-probs gathered at them (+ tail bucket)
+        stats = token_stats(h, head, y, 1.0, chunk, with_entropy=True, topk=100)
+        out = token_stats(h, head, y, 1.0, chunk, gather_index=stats["topk_index"])["gathered"]
     if grad:
         out.sum().backward()
 print(json.dumps({{"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}}))
@@ -52,12 +56,13 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=512)
     a = p.parse_args()
     print(f"vocab {a.vocab}, hidden {a.hidden}, length {a.length}, chunk {a.chunk} positions; peak RSS above baseline")
-    print(f"{'rows':>5} {'grad':>5} {'naive MB':>10} {'chunked MB':>11} {'chunked/naive':>14}")
+    print(f"{'rows':>5} {'grad':>5} {'naive MB':>10} {'chunked MB':>11} {'chunked/naive':>14} {'top-k path/naive':>17}")
     for grad in (False, True):
         for rows in (2, 8):
             naive = measure("naive", rows, a.length, a.vocab, a.hidden, a.chunk, grad)
             chunked = measure("chunked", rows, a.length, a.vocab, a.hidden, a.chunk, grad)
-            print(f"{rows:>5} {str(grad):>5} {naive:>10.0f} {chunked:>11.0f} {chunked / naive:>14.3f}")
+            topk = measure("topk", rows, a.length, a.vocab, a.hidden, a.chunk, grad)
+            print(f"{rows:>5} {str(grad):>5} {naive:>10.0f} {chunked:>11.0f} {chunked / naive:>14.3f} {topk / naive:>17.3f}")
 
 
 if __name__ == "__main__":
