@@ -13,7 +13,7 @@ def evaluate(policy, tokenizer, examples: list[Example], d: Dist, max_new_tokens
              temperature: float = 0.0, batch_prompts: int = 64, enable_thinking: bool = False) -> tuple[dict, list[dict]]:
     """Accuracy over `examples` split across ranks; returns (metrics, a few sample rows)."""
     mine = examples[d.rank::d.world_size]
-    correct = passk = reward = torch.zeros((), dtype=torch.float64)
+    correct, passk, reward = (torch.zeros((), dtype=torch.float64) for _ in range(3))
     table = []
     for i in range(0, len(mine), batch_prompts):
         batch = mine[i:i + batch_prompts]
