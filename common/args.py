@@ -42,7 +42,7 @@ class TrainArgs:
     """Prompts longer than this are skipped (and counted) rather than truncated."""
 
     # rollout
-    total_steps: int = 60
+    total_steps: int = 50
     """Number of training steps (one rollout batch each)."""
     num_prompts: int = 8
     """Prompts per step over all ranks (P)."""
@@ -56,7 +56,7 @@ class TrainArgs:
     """Nucleus sampling (1.0 keeps the sampling distribution equal to the scored one)."""
 
     # optimisation
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-4
     """AdamW learning rate."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps, then constant."""
