@@ -64,3 +64,14 @@ def test_sampler_seeded_epochs_and_resume():
     d.load_state_dict(c.state_dict())
     assert c.take(6) == d.take(6)
     assert PromptSampler(items, 4).take(5) != first[:5]
+
+
+def test_model_path_not_found_is_a_clear_error(tmp_path):
+    from common.models import load_tokenizer, resolve_model_path
+
+    with pytest.raises(FileNotFoundError, match="model path not found: ./no-such-model"):
+        resolve_model_path("./no-such-model")
+    with pytest.raises((FileNotFoundError, OSError)):
+        load_tokenizer(str(tmp_path / "missing"))
+    assert resolve_model_path("toy").endswith("toy-base")
+    assert resolve_model_path("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a hub id passes through untouched
