@@ -25,9 +25,11 @@ Choices (ALGORITHMS.md §2.2, marked [choice] there):
 - Everything else (teacher weights `--teacher`, privileged block `--privileged`, `--feedback`, the
   teacher prompt) as sd.py.
 
-Cost: K extra teacher forwards of B rows per step, batched into one scoring call (micro-batched by
-`--micro-batch-rows`). The main teacher pass stays a separate call, padded exactly as in sd.py, so
-that alpha = 0 reproduces sd.py bit for bit (other padding changes float rounding).
+Cost: K extra teacher forwards of B rows per step. With alpha > 0 the main teacher pass and the K
+contrast passes are one scoring call of (K+1) x B rows, micro-batched by `--micro-batch-rows` (raise
+it to use more memory for fewer, larger forwards). With alpha = 0 the main pass is a call of its own,
+padded exactly as in sd.py, so that it reproduces sd.py bit for bit (other padding changes float
+rounding); the contrast term is still scored for the metrics.
 
 Run:
     python credit.py                               # the toy task, alpha 0.5, one partner
@@ -100,12 +102,13 @@ def contrastive_credit(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.
 # The contrastive teacher pass and its statistics.
 
 
-def score_contrast(run: Run, args: Args, batch: grpo.Batch, blocks: list[str], partners: torch.Tensor) -> torch.Tensor:
-    """t(x'_k, z_i) [K, B, T]: row i's own completion and block z_i after partner k's problem, one scoring call."""
-    B, K = partners.shape
-    problems = [batch.examples[g * args.group_size].prompt for g in partners.T.reshape(-1).tolist()]
+def score_with_problems(run: Run, args: Args, batch: grpo.Batch, blocks: list[str], groups: torch.Tensor) -> dict:
+    """Teacher scores [K, B, ...] of row i's own completion and block z_i after the problem of prompt group
+    groups[i, k] (`logprobs` is t(x_{g_k(i)}, z_i)), for all k in one scoring call."""
+    B, K = groups.shape
+    problems = [batch.examples[g * args.group_size].prompt for g in groups.T.reshape(-1).tolist()]
     tiled = dataclasses.replace(batch, rollout=select_rows(batch.rollout, list(range(B)) * K))  # K copies of the rows
-    return sd.score_teacher(run, args, tiled, blocks * K, problems)["logprobs"].view(K, B, -1)
+    return {k: v.view(K, B, *v.shape[1:]) for k, v in sd.score_teacher(run, args, tiled, blocks * K, problems).items()}
 
 
 def credit_metrics(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
@@ -143,10 +146,16 @@ def main(args: Args) -> None:
         blocks = [sd.privileged_block(e, v, args.privileged, args.feedback) for e, v in zip(batch.examples, batch.verdicts)]
         partners = contrast_partners(run.local_prompts, args.group_size, args.num_contrast, (args.seed, run.d.rank, step))
 
-        # 4. Teacher scores the same completion tokens: t = t(x_i, z_i), then c_k = t(x'_k, z_i) for all k at once.
+        # 4. Teacher scores the same completion tokens: t = t(x_i, z_i) and c_k = t(x'_k, z_i), in one call
+        # (alpha = 0: t alone, padded as in sd.py, then the c_k).
         t1 = time.perf_counter()
-        teacher = sd.score_teacher(run, args, batch, blocks)
-        contrast = score_contrast(run, args, batch, blocks, partners)
+        own = torch.arange(mask.shape[0], device=partners.device)[:, None] // args.group_size
+        if args.alpha > 0:
+            scores = score_with_problems(run, args, batch, blocks, torch.cat([own, partners], 1))
+            teacher, contrast = {k: v[0] for k, v in scores.items()}, scores["logprobs"][1:]
+        else:
+            teacher = sd.score_teacher(run, args, batch, blocks)
+            contrast = score_with_problems(run, args, batch, blocks, partners)["logprobs"]
         t_teacher = time.perf_counter() - t1
 
         # 5. Credit delta = t - alpha * mean_k c_k - s_old; token advantage A_t = A_i + lam * delta.

@@ -194,9 +194,15 @@ class ExtraLoss:
     """[B, T, k] vocabulary indices whose log-probs the forward must return (`gathered`)."""
 
 
-def ppo_update(run: Run, args: Args, batch: Batch, advantages: torch.Tensor, old_logprobs: torch.Tensor,
-               ref_logprobs: torch.Tensor | None, step: int, extra: ExtraLoss | None = None) -> dict[str, float]:
-    """PPO epochs x minibatches of the clipped surrogate on token advantages [B, T]; returns stats."""
+def ppo_update(run: Run, args: Args, batch: Batch, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+               ref_logprobs: torch.Tensor | None, step: int, extra: ExtraLoss | None = None,
+               entropy_out: torch.Tensor | None = None) -> dict[str, float]:
+    """PPO epochs x minibatches of the clipped surrogate on token advantages [B, T]; returns stats.
+
+    `old_logprobs=None` (one epoch, one minibatch only): the update's own forward runs the rollout
+    policy, so its detached log-probs are the old ones (ratio == 1) and no separate pass is needed;
+    the forward then also writes the policy's per-token entropy into `entropy_out` [B, T].
+    """
     r, device = batch.rollout, run.d.device
     ids, attn, mask = r.input_ids, r.attention_mask, r.completion_mask.float()
     B, T = mask.shape
@@ -205,6 +211,8 @@ def ppo_update(run: Run, args: Args, batch: Batch, advantages: torch.Tensor, old
     def add(key: str, value: torch.Tensor | float) -> None:
         sums[key] = sums.get(key, 0.0) + float(value)
 
+    if old_logprobs is None and (args.ppo_epochs, args.num_minibatches) != (1, 1):
+        raise ValueError("old log-probs can only come from the update's forward with one epoch and one minibatch")
     optimizer_step = step * args.ppo_epochs * args.num_minibatches
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(B) if args.num_minibatches > 1 else torch.arange(B)
@@ -218,10 +226,13 @@ def ppo_update(run: Run, args: Args, batch: Batch, advantages: torch.Tensor, old
                 rows_d = rows.to(device)
                 with run.d.autocast():
                     out = run.policy(ids[rows_d], attn[rows_d], T, args.temperature, args.logprob_chunk,
+                                     with_entropy=entropy_out is not None,
                                      gather_index=extra.gather_index[rows_d] if extra and extra.gather_index is not None else None)
                 m = mask[rows_d]
-                per_token, ratio = clipped_surrogate(out["logprobs"], old_logprobs[rows_d], advantages[rows_d],
-                                                     args.eps_low, args.eps_high)
+                old = out["logprobs"].detach() if old_logprobs is None else old_logprobs[rows_d]
+                if entropy_out is not None:
+                    entropy_out[rows_d] = out["entropy"].detach() * m
+                per_token, ratio = clipped_surrogate(out["logprobs"], old, advantages[rows_d], args.eps_low, args.eps_high)
                 loss = aggregate(per_token, m, args.loss_agg, len(minibatch), tokens, args.max_new_tokens)
                 if ref_logprobs is not None:
                     kl = k3_kl(out["logprobs"], ref_logprobs[rows_d])
@@ -274,13 +285,17 @@ def rollout_metrics(run: Run, args: Args, batch: Batch, advantages: torch.Tensor
             "sampling/groups_per_prompt_slot": mean[7].item()}
 
 
-def score_old_and_ref(run: Run, args: Args, batch: Batch, reference=None, **stats) -> tuple[dict, torch.Tensor | None]:
-    """Log-probs of the sampled tokens under the rollout policy (with entropy) and the reference."""
+def score_old_and_ref(run: Run, args: Args, batch: Batch, reference=None, old_pass: bool = True,
+                      **stats) -> tuple[dict, torch.Tensor | None]:
+    """Log-probs of the sampled tokens under the rollout policy (with entropy) and the reference.
+
+    `old_pass=False` skips the rollout-policy pass (the update's forward provides it, see `ppo_update`).
+    """
     r = batch.rollout
     score = dict(temperature=args.temperature, chunk_size=args.logprob_chunk, micro_rows=args.micro_batch_rows)
     with run.d.autocast():
         old = score_completions(run.policy, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                with_entropy=True, **score, **stats)
+                                with_entropy=True, **score, **stats) if old_pass else {}
         ref = score_completions(reference, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
                                 **score)["logprobs"] if reference is not None else None
     return old, ref
@@ -322,12 +337,18 @@ def main(args: Args) -> None:
         advantages = group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         token_advantages = advantages[:, None].expand_as(batch.rollout.completion_mask).contiguous()
 
-        # 3. Old-policy (and reference) log-probs of the sampled tokens.
-        old, ref_logprobs = score_old_and_ref(run, args, batch, reference)
+        # 3. Old-policy (and reference) log-probs of the sampled tokens. With one epoch and one
+        # minibatch the update's forward is the rollout policy itself: its detached log-probs are
+        # pi_old (rho == 1, as in TRL), which saves a whole forward pass.
+        on_policy = args.ppo_epochs == 1 and args.num_minibatches == 1
+        old, ref_logprobs = score_old_and_ref(run, args, batch, reference, old_pass=not on_policy)
         t_score = time.perf_counter()
 
         # 4. Clipped-surrogate update.
-        metrics |= ppo_update(run, args, batch, token_advantages, old["logprobs"], ref_logprobs, step)
+        if on_policy:
+            old["entropy"] = torch.zeros_like(batch.rollout.completion_mask, dtype=torch.float32)
+        metrics |= ppo_update(run, args, batch, token_advantages, old.get("logprobs"), ref_logprobs, step,
+                              entropy_out=old["entropy"] if on_policy else None)
         t_update = time.perf_counter()
 
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_score}

@@ -20,7 +20,7 @@ row has no negative credit), and the offset argmin_t u_t - d of the most negativ
 `--diagnostics-every` steps the same rows are also scored by the answer-only teacher (one extra teacher
 pass), giving the `..._answer_only` figures: the paper's claim is that HSD's figures concentrate at d more.
 Metrics: hsd/{frac_rows_with_peer, frac_all_fail_groups, frac_rows_diagnosed, div_index_mean} and
-hsd/{credit_mass_near_div, argmin_offset_mean, argmin_abs_offset_mean}[_answer_only] (NaN on a step
+hsd/{credit_mass_near_div, argmin_offset_mean, argmin_abs_offset_mean}[_answer_only] (absent on a step
 without diagnosed rows; the signed offset can cancel, the absolute one measures concentration).
 
 Choices (ALGORITHMS.md §2.4, marked [choice] there or here):
@@ -132,7 +132,7 @@ def argmin_offset(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor) -> t
 
 def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids: torch.Tensor, mask: torch.Tensor,
                 credits: dict[str, torch.Tensor], window: int) -> dict[str, float]:
-    """Peer coverage, then the divergence diagnostics over failed rows with a peer (NaN when there are none)."""
+    """Peer coverage, then the divergence diagnostics over failed rows with a peer (left out when there are none)."""
     lengths, peer = mask.sum(-1).long(), peers.clamp(min=0)
     d = divergence_index(ids, ids[peer], lengths, lengths[peer])
     rows = (peers >= 0) & ~correct
@@ -141,12 +141,14 @@ def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids
     all_fail = (~correct.view(-1, group_size).any(-1)).float()
 
     def mean(x: torch.Tensor) -> float:
-        return (all_reduce((x.float() * rows).sum()) / n).item() if n > 0 else math.nan
+        return (all_reduce((x.float() * rows).sum()) / n).item()
 
     out = {"hsd/frac_rows_with_peer": (all_reduce((peers >= 0).float().sum()) / n_rows).item(),
            "hsd/frac_all_fail_groups": (all_reduce(all_fail.sum()) / (n_rows / group_size)).item(),
-           "hsd/frac_rows_diagnosed": (n / n_rows).item(),
-           "hsd/div_index_mean": mean(d)}
+           "hsd/frac_rows_diagnosed": (n / n_rows).item()}
+    if n == 0:  # no failed row with a peer on any rank: nothing to diagnose (JSON has no NaN)
+        return out
+    out["hsd/div_index_mean"] = mean(d)
     for suffix, credit in credits.items():
         offset = argmin_offset(credit, mask, d)
         out[f"hsd/credit_mass_near_div{suffix}"] = mean(credit_mass_near(credit, mask, d, window))

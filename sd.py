@@ -156,7 +156,7 @@ def score_teacher(run: Run, args: Args, batch: grpo.Batch, blocks: list[str], pr
         out = score_completions(model if model is not None else teacher_model(run, args), ids, mask, r.completion_ids,
                                 r.completion_mask, args.temperature, args.logprob_chunk, args.micro_batch_rows,
                                 gather_index=gather_index, **stats)
-    out["shortened"] = torch.tensor(float(shortened))
+    out["shortened"] = shortened.float()
     out["prompt_len"] = mask.sum(-1).float()
     return out
 
@@ -178,7 +178,7 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distille
             "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
             "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
             "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
-            "sd/frac_shortened": (all_reduce(teacher["shortened"]) / n_rows).item(),
+            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
             "sd/frac_rows_distilled": (all_reduce(distilled.float().sum()) / n_rows).item(),
             "perf/teacher_s": t_teacher}
 

@@ -3,14 +3,19 @@
 Runs every algorithm with the same step budget and seeds (one subprocess per run, so runs are
 independent), collects each `metrics.jsonl`, and writes into `--out`:
   curves.csv        one row per (algorithm, seed, eval step): step, wall time, eval accuracy
-  summary.csv       final held-out accuracy per algorithm: mean, std, min, max over seeds
+  summary.csv       held-out accuracy per algorithm at step 0 and at the end, and the gain: mean, std,
+                    min, max over seeds
+  diagnostics.csv   per (algorithm, seed): the mean over the run of each diagnostic below
   curves.png        accuracy vs step and vs wall time, mean +- std band over seeds
   diagnostics.png   the algorithms' own signals: SD pMI per row, CREDIT contrast term, AntiSD gate
                     trace (teacher entropy median, H_warm, g), HSD credit mass near the divergence
                     vs the answer-only teacher
 
-    python bench/compare.py                      # 3 seeds x 5 algorithms (about 25 minutes on 2 cores)
+    python bench/compare.py                      # 3 seeds x 5 algorithms, script defaults (60 steps)
     python bench/compare.py --quick              # 1 seed, a few steps: checks the pipeline end to end
+
+Runs go `--jobs` at a time (default: one per CPU core), each with one torch thread, so a run's metrics
+do not depend on how many run beside it.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +43,9 @@ def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, e
     cmd = [sys.executable, str(ROOT / f"{algorithm}.py"), "--seed", str(seed), "--total-steps", str(steps),
            "--eval-every", str(eval_every), "--output-dir", str(run_dir), *extra]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -55,7 +63,7 @@ def wall_times(rows: list[dict]) -> list[float]:
     return out
 
 
-def plot(results: dict[str, dict[int, list[dict]]], out: Path) -> None:
+def plot(results: dict[str, dict[int, list[dict]]], out: Path, eval_label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +81,7 @@ def plot(results: dict[str, dict[int, list[dict]]], out: Path) -> None:
         for ax, x in zip(axes, (steps, times)):
             ax.plot(x, mean, marker="o", label=algorithm)
             ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
-    axes[0].set(xlabel="step", ylabel="held-out greedy accuracy", title="accuracy vs step")
+    axes[0].set(xlabel="step", ylabel=f"held-out accuracy ({eval_label})", title="accuracy vs step")
     axes[1].set(xlabel="training wall time (s, mean over seeds)", title="accuracy vs wall time")
     axes[0].legend()
     fig.tight_layout()
@@ -83,22 +91,47 @@ def plot(results: dict[str, dict[int, list[dict]]], out: Path) -> None:
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
     for ax, algorithm in zip(axes[0], present):
         rows = next(iter(results[algorithm].values()))
-        for key in DIAGNOSTICS[algorithm]:
-            points = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+        if algorithm == "antisd":  # the gate: teacher entropy relative to H_warm, its thresholds, steps on
+            points = [(r["step"], r["gate/entropy_median"] / r["gate/h_warm"]) for r in rows if "gate/h_warm" in r]
             if points:
-                ax.plot(*zip(*points), label=key, marker=".")
-        ax.set(title=algorithm, xlabel="step")
+                ax.plot(*zip(*points), label="entropy median / H_warm", marker=".")
+            for level in (1.0, 0.93):
+                ax.axhline(level, color="gray", lw=0.8, ls="--")
+            for r in rows:
+                if r.get("gate/on"):
+                    ax.axvspan(r["step"] - 0.5, r["step"] + 0.5, color="tab:red", alpha=0.15, lw=0)
+            ax.plot([], [], color="tab:red", alpha=0.3, lw=6, label="gate on")
+        else:
+            for key in DIAGNOSTICS[algorithm]:
+                points = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+                if points:
+                    ax.plot(*zip(*points), label=key, marker=".")
+        ax.set(title=f"{algorithm} (seed {next(iter(results[algorithm]))})", xlabel="step")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "diagnostics.png", dpi=120)
 
 
+def diagnostic_means(rows: list[dict], keys: list[str]) -> dict[str, float]:
+    """Mean over the run of each diagnostic, skipping steps where it is absent or NaN."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if key in r and r[key] == r[key]]
+        out[key] = statistics.mean(values) if values else float("nan")
+    return out
+
+
+def spread(values: list[float]) -> list[float]:
+    return [statistics.mean(values), statistics.pstdev(values), min(values), max(values)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time (one thread each)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--quick", action="store_true", help="one seed, 3 steps, small eval: a pipeline check")
     p.add_argument("extra", nargs="*", help="flags passed to every script (after --)")
@@ -108,8 +141,15 @@ def main() -> None:
         a.seeds, a.steps, a.eval_every = a.seeds[:1], 3, 2
         extra += ["--eval-size", "16", "--num-prompts", "4", "--group-size", "4"]
     a.out.mkdir(parents=True, exist_ok=True)
-    results = {alg: {seed: run_one(alg, seed, a.steps, a.eval_every, a.out, extra) for seed in a.seeds}
-               for alg in a.algorithms}
+    jobs = [(alg, seed) for alg in a.algorithms for seed in a.seeds]
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        done = pool.map(lambda job: run_one(*job, a.steps, a.eval_every, a.out, extra), jobs)
+        results: dict[str, dict[int, list[dict]]] = {}
+        for (alg, seed), rows in zip(jobs, done):
+            results.setdefault(alg, {})[seed] = rows
+    run_args = json.loads((a.out / "runs" / f"{jobs[0][0]}-{jobs[0][1]}" / "args.json").read_text())
+    eval_label = (f"avg@{run_args['eval_samples']} at T={run_args['eval_temperature']:g}, "
+                  f"{run_args['eval_size']} problems")
     with open(a.out / "curves.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seed", "step", "wall_s", "eval_accuracy"])
@@ -120,16 +160,28 @@ def main() -> None:
                         w.writerow([alg, seed, r["step"], f"{t:.2f}", r["eval/accuracy"]])
     with open(a.out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["algorithm", "initial_mean", "final_mean", "final_std", "final_min", "final_max", "seeds"])
-        print(f"\n{'algorithm':<8} {'initial':>8} {'final':>14} {'min':>6} {'max':>6}")
+        w.writerow(["algorithm", "seeds", "initial_mean", "final_mean", "final_std", "final_min", "final_max",
+                    "gain_mean", "gain_std", "gain_min", "gain_max", "train_s_mean"])
+        print(f"\nheld-out accuracy ({eval_label}), {a.steps} steps, seeds {a.seeds}")
+        print(f"{'algorithm':<8} {'initial':>8} {'final':>15} {'gain':>15} {'min gain':>9} {'train s':>8}")
         for alg, by_seed in results.items():
             first = [rows[0]["eval/accuracy"] for rows in by_seed.values()]
             final = [rows[-1]["eval/accuracy"] for rows in by_seed.values()]
-            row = [statistics.mean(first), statistics.mean(final), statistics.pstdev(final), min(final), max(final)]
-            w.writerow([alg, *(f"{v:.4f}" for v in row), len(final)])
-            print(f"{alg:<8} {row[0]:>8.3f} {row[1]:>8.3f} ± {row[2]:.3f} {row[3]:>6.3f} {row[4]:>6.3f}")
-    plot(results, a.out)
-    print(f"\nwrote {a.out}/curves.csv, summary.csv, curves.png, diagnostics.png")
+            final_s, gain_s = spread(final), spread([b - f for f, b in zip(first, final)])
+            train_s = statistics.mean(wall_times(rows)[-1] for rows in by_seed.values())
+            w.writerow([alg, len(final), f"{statistics.mean(first):.4f}", *(f"{v:.4f}" for v in final_s),
+                        *(f"{v:.4f}" for v in gain_s), f"{train_s:.1f}"])
+            print(f"{alg:<8} {statistics.mean(first):>8.3f} {final_s[0]:>8.3f} ± {final_s[1]:.3f} "
+                  f"{gain_s[0]:>+8.3f} ± {gain_s[1]:.3f} {gain_s[2]:>+9.3f} {train_s:>8.0f}")
+    with open(a.out / "diagnostics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["algorithm", "seed", "metric", "run_mean"])
+        for alg in (x for x in DIAGNOSTICS if x in results):
+            for seed, rows in results[alg].items():
+                for key, value in diagnostic_means(rows, DIAGNOSTICS[alg]).items():
+                    w.writerow([alg, seed, key, f"{value:.5f}"])
+    plot(results, a.out, eval_label)
+    print(f"\nwrote {a.out}/curves.csv, summary.csv, diagnostics.csv, curves.png, diagnostics.png")
 
 
 if __name__ == "__main__":

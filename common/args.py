@@ -42,7 +42,7 @@ class TrainArgs:
     """Prompts longer than this are skipped (and counted) rather than truncated."""
 
     # rollout
-    total_steps: int = 50
+    total_steps: int = 60
     """Number of training steps (one rollout batch each)."""
     num_prompts: int = 8
     """Prompts per step over all ranks (P)."""
@@ -80,9 +80,9 @@ class TrainArgs:
     """Evaluate every N steps (and at step 0 and the last step); 0 turns evaluation off."""
     eval_size: int = 200
     """Number of evaluation prompts."""
-    eval_samples: int = 1
+    eval_samples: int = 4
     """Samples per eval prompt (k of avg@k / pass@k)."""
-    eval_temperature: float = 0.0
+    eval_temperature: float = 1.0
     """Eval sampling temperature (0 = greedy)."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""

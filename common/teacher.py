@@ -29,9 +29,9 @@ def shorten_middle(tokenizer: PreTrainedTokenizerBase, text: str, drop_tokens: i
 
 
 def teacher_inputs(tokenizer: PreTrainedTokenizerBase, problems: list[str], blocks: list[str], max_tokens: int,
-                   device: torch.device, enable_thinking: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Left-padded teacher prompt ids and mask, one row per (problem, block); also the number shortened."""
-    rendered, shortened = [], 0
+                   device: torch.device, enable_thinking: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded teacher prompt ids and mask, one row per (problem, block); also which rows were shortened."""
+    rendered, shortened = [], []
     for problem, block in zip(problems, blocks):
         text = render_prompts(tokenizer, [teacher_prompt(problem, block)], enable_thinking)[0]
         excess = len(tokenizer(text, add_special_tokens=False).input_ids) - max_tokens
@@ -39,7 +39,7 @@ def teacher_inputs(tokenizer: PreTrainedTokenizerBase, problems: list[str], bloc
             mark = len(tokenizer(CUT_MARK, add_special_tokens=False).input_ids)
             block = shorten_middle(tokenizer, block, excess + mark + 2)  # +2: merges at the cut may re-add a token
             text = render_prompts(tokenizer, [teacher_prompt(problem, block)], enable_thinking)[0]
-            shortened += 1
+        shortened.append(excess > 0 and bool(block))
         rendered.append(text)
     ids, mask = tokenize_left(tokenizer, rendered, device)
-    return ids, mask, shortened
+    return ids, mask, torch.tensor(shortened, device=device)

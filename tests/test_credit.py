@@ -88,7 +88,7 @@ def test_own_prompt_as_partner_cancels_teacher_at_alpha_one(policy, tokenizer):
     old, _ = grpo.score_old_and_ref(run, args, batch)
     teacher = sd.score_teacher(run, args, batch, blocks)
     own = torch.arange(len(PROBLEMS)).repeat_interleave(G)[:, None].repeat(1, 2)
-    contrast = credit.score_contrast(run, args, batch, blocks, own)
+    contrast = credit.score_with_problems(run, args, batch, blocks, own)["logprobs"]
     mask = batch.rollout.completion_mask.float()
     delta = credit.contrastive_credit(teacher["logprobs"], contrast, old["logprobs"], 1.0, mask)
     torch.testing.assert_close(delta, -old["logprobs"] * mask, atol=1e-5, rtol=0)
@@ -104,7 +104,7 @@ def test_naive_per_row_per_partner_loop_matches_batched_credit(policy, tokenizer
     old, _ = grpo.score_old_and_ref(run, args, batch)
     teacher = sd.score_teacher(run, args, batch, blocks)
     r, mask = batch.rollout, batch.rollout.completion_mask.float()
-    got = credit.contrastive_credit(teacher["logprobs"], credit.score_contrast(run, args, batch, blocks, partners),
+    got = credit.contrastive_credit(teacher["logprobs"], credit.score_with_problems(run, args, batch, blocks, partners)["logprobs"],
                                     old["logprobs"], 0.5, mask)
 
     def row_logprobs(prompt_text, y):
@@ -142,3 +142,20 @@ def test_alpha_half_runs_and_flips_some_signs(tiny_model_dir, tmp_path):
     m = rows[0]
     assert m["credit/contrast_mean"] < 0 and 0 < m["credit/sign_flip_frac"] < 1
     assert m["credit/input_specific_mean"] == pytest.approx(m["sd/teacher_logp_mean"] - m["credit/contrast_mean"], abs=1e-5)
+
+
+@torch.no_grad()
+def test_main_and_contrast_passes_in_one_call_match_separate_calls(policy, tokenizer):
+    """alpha > 0 scores t(x_i, z_i) and the K contrasts in one call: same values as sd.py's pass, up to padding."""
+    batch, blocks = toy_batch(policy, tokenizer, seed=5)
+    args = credit.Args(group_size=G, micro_batch_rows=4, num_contrast=2)
+    run = fake_run(policy, tokenizer)
+    partners = credit.contrast_partners(len(PROBLEMS), G, 2, (1, 0, 2))
+    own = torch.arange(len(PROBLEMS)).repeat_interleave(G)[:, None]
+    merged = credit.score_with_problems(run, args, batch, blocks, torch.cat([own, partners], 1))
+    alone = sd.score_teacher(run, args, batch, blocks)
+    mask = batch.rollout.completion_mask.float()
+    torch.testing.assert_close(merged["logprobs"][0] * mask, alone["logprobs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged["logprobs"][1:], credit.score_with_problems(run, args, batch, blocks, partners)["logprobs"],
+                               atol=1e-5, rtol=0)
+    assert torch.equal(merged["prompt_len"][0], alone["prompt_len"]) and merged["shortened"].shape == (3, len(mask))

@@ -87,7 +87,7 @@ def test_sd_identity_on_real_tokenizer_and_chat_template(model_dir):
     blocks = [sd.privileged_block(e, verify(e, text), "solution", True) for e, text in zip(rows, r.texts)]
     blocks[1] = sd.answer_block(rows[1])  # teacher prompts of four different lengths
     ids, mask, shortened = teacher_inputs(tok, [e.prompt for e in rows], blocks, 10_000, torch.device("cpu"))
-    assert shortened == 0 and mask.shape[1] > r.prompt_mask.shape[1]
+    assert not shortened.any() and mask.shape[1] > r.prompt_mask.shape[1]
     for i, e in enumerate(rows):
         teacher_text = tok.decode(ids[i][mask[i].bool()], clean_up_tokenization_spaces=False)
         assert teacher_text == render_prompts(tok, [teacher_prompt(e.prompt, blocks[i])])[0]

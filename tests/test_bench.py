@@ -1,0 +1,26 @@
+"""bench/compare.py --quick: every algorithm runs, and the CSVs and figures come out consistent."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compare_quick_pipeline(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--quick", "--jobs", "2",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [r["algorithm"] for r in summary] == ["grpo", "sd", "credit", "antisd", "hsd"]
+    curves = list(csv.DictReader((tmp_path / "curves.csv").open()))
+    for r in summary:  # the summary is computed from the curves: first and last eval of the one seed
+        evals = [c for c in curves if c["algorithm"] == r["algorithm"]]
+        assert [int(c["step"]) for c in evals] == [0, 2]
+        first, last = float(evals[0]["eval_accuracy"]), float(evals[-1]["eval_accuracy"])
+        assert abs(float(r["gain_mean"]) - (last - first)) < 1e-4 and r["seeds"] == "1"
+        assert 0 <= first <= 1 and 0 <= last <= 1
+    diagnostics = {(r["algorithm"], r["metric"]) for r in csv.DictReader((tmp_path / "diagnostics.csv").open())}
+    assert ("hsd", "hsd/credit_mass_near_div_answer_only") in diagnostics and ("credit", "credit/contrast_mean") in diagnostics
+    for png in ("curves.png", "diagnostics.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
