@@ -226,7 +226,7 @@ def ppo_update(run: Run, args: Args, batch: Batch, advantages: torch.Tensor, old
                 rows_d = rows.to(device)
                 with run.d.autocast():
                     out = run.policy(ids[rows_d], attn[rows_d], T, args.temperature, args.logprob_chunk,
-                                     with_entropy=entropy_out is not None,
+                                     with_entropy=entropy_out is not None, group_size=args.group_size,
                                      gather_index=extra.gather_index[rows_d] if extra and extra.gather_index is not None else None)
                 m = mask[rows_d]
                 old = out["logprobs"].detach() if old_logprobs is None else old_logprobs[rows_d]
@@ -292,7 +292,8 @@ def score_old_and_ref(run: Run, args: Args, batch: Batch, reference=None, old_pa
     `old_pass=False` skips the rollout-policy pass (the update's forward provides it, see `ppo_update`).
     """
     r = batch.rollout
-    score = dict(temperature=args.temperature, chunk_size=args.logprob_chunk, micro_rows=args.micro_batch_rows)
+    score = dict(temperature=args.temperature, chunk_size=args.logprob_chunk, micro_rows=args.micro_batch_rows,
+                 group_size=args.group_size)  # a group's rows share their prompt: it runs once
     with run.d.autocast():
         old = score_completions(run.policy, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
                                 with_entropy=True, **score, **stats) if old_pass else {}

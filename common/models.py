@@ -24,15 +24,46 @@ class Policy(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
                 temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False, topk: int = 0,
-                gather_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Stats for the last `completion_len` tokens of `input_ids` (left-padded prompt + completion)."""
+                gather_index: torch.Tensor | None = None, group_size: int = 1) -> dict[str, torch.Tensor]:
+        """Stats for the last `completion_len` tokens of `input_ids` (left-padded prompt + completion).
+
+        With `group_size` G > 1 and every block of G consecutive rows holding the same prompt (a GRPO
+        group), each prompt runs once and its keys/values are repeated for the G completions.
+        """
         # Position ids from the mask, as generate() does, so a left-padded row scores like an unpadded one.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
         T = completion_len
-        return token_stats(hidden[:, -T - 1:-1], self.lm.lm_head, input_ids[:, -T:], temperature, chunk_size,
+        if group_size > 1 and self.shares_prompts(input_ids, attention_mask, T, group_size):
+            hidden = self.grouped_hidden(input_ids, attention_mask, position_ids, T, group_size)
+        else:
+            hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state[:, -T - 1:-1]
+        return token_stats(hidden, self.lm.lm_head, input_ids[:, -T:], temperature, chunk_size,
                            with_entropy, topk, gather_index)
+
+    def shares_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int, G: int) -> bool:
+        """Whether blocks of G rows share their prompt, and prefix sharing is safe for this module."""
+        B, L = input_ids.shape
+        if B % G or L <= T + 1 or getattr(self.lm.model, "gradient_checkpointing", False):
+            return False  # HF turns the KV cache off under gradient checkpointing
+        if any(hasattr(p, "device_mesh") for p in self.lm.lm_head.parameters()):
+            return False  # FSDP2-sharded: every layer runs once per forward, as FSDP2 schedules it
+        prompts = torch.stack([input_ids[:, :-T], attention_mask[:, :-T]]).view(2, B // G, G, L - T)
+        return bool((prompts == prompts[:, :, :1]).all())
+
+    def grouped_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       T: int, G: int) -> torch.Tensor:
+        """Hidden states that predict the last T tokens, running each group's prompt once (KV repeated G times)."""
+        prompt = self.lm.model(input_ids=input_ids[::G, :-T], attention_mask=attention_mask[::G, :-T],
+                               position_ids=position_ids[::G, :-T], use_cache=True)
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(G)  # differentiable: gradients flow back into the shared prompt
+        # The last completion token predicts nothing, so the completion pass stops one token short.
+        completion = self.lm.model(input_ids=input_ids[:, -T:-1], attention_mask=attention_mask[:, :-1],
+                                   position_ids=position_ids[:, -T:-1], past_key_values=cache,
+                                   use_cache=False).last_hidden_state
+        last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(G, dim=0)  # predicts the first token
+        return torch.cat([last_prompt, completion], dim=1)
 
 
 def attention_implementation() -> str:

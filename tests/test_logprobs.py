@@ -95,3 +95,34 @@ def test_policy_scores_left_padded_rows_like_unpadded(policy, tokenizer):
             want = full_logprobs(policy, ids, 0.7)[-len(x):]
             torch.testing.assert_close(got["logprobs"][i, :len(x)], want, atol=1e-5, rtol=1e-4)
             assert (got["logprobs"][i, len(x):] == 0).all()  # padding is zeroed, never scored
+
+
+def test_group_prompt_sharing_matches_full_forward(policy, tokenizer):
+    """group_size G: each group's prompt runs once, KV repeated; same stats and gradients as the full forward."""
+    prompts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n", "hi"]
+    completions = ["1+2=3\nAnswer: 3<|im_end|>", "12+34=46<|im_end|>", "x<|im_end|>", "Answer: 9<|im_end|>"]
+    G = 2
+    p_ids, p_mask = tokenize_left(tokenizer, [p for p in prompts for _ in range(G)], torch.device("cpu"))
+    c = [tokenizer(t, add_special_tokens=False).input_ids for t in completions]
+    T = max(map(len, c))
+    c_ids = torch.tensor([x + [tokenizer.pad_token_id] * (T - len(x)) for x in c])
+    c_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in c])
+    ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
+    policy.train()
+    assert policy.shares_prompts(ids, mask, T, G) and not policy.shares_prompts(ids[:3], mask[:3], T, G)
+    assert not policy.shares_prompts(ids.roll(1, 0), mask.roll(1, 0), T, G)  # blocks of G rows with different prompts
+
+    def run(group_size):
+        policy.zero_grad()
+        out = policy(ids, mask, T, 0.7, chunk_size=3, with_entropy=True, group_size=group_size)
+        (out["logprobs"] * c_mask).sum().backward()
+        return out, [p.grad.clone() for p in policy.parameters()]
+
+    (full, full_grads), (shared, shared_grads) = run(1), run(G)
+    for key in ("logprobs", "entropy"):
+        torch.testing.assert_close(shared[key] * c_mask, full[key] * c_mask, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # A batch whose blocks do not share prompts falls back to the full forward, bit for bit.
+    rolled = policy(ids.roll(1, 0), mask.roll(1, 0), T, 0.7, chunk_size=3, group_size=G)["logprobs"]
+    assert torch.equal(rolled, policy(ids.roll(1, 0), mask.roll(1, 0), T, 0.7, chunk_size=3)["logprobs"])
