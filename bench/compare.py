@@ -11,7 +11,7 @@ independent), collects each `metrics.jsonl`, and writes into `--out`:
                     trace (teacher entropy median, H_warm, g), HSD credit mass near the divergence
                     vs the answer-only teacher
 
-    python bench/compare.py                      # 3 seeds x 5 algorithms, script defaults (60 steps)
+    python bench/compare.py                      # 3 seeds x 6 configurations, script defaults (60 steps)
     python bench/compare.py --quick              # 1 seed, a few steps: checks the pipeline end to end
 
 Runs go `--jobs` at a time (default: one per CPU core), each with one torch thread, so a run's metrics
@@ -31,7 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ALGORITHMS = ["grpo", "sd", "credit", "antisd", "hsd"]
+# name -> (script, its flags): the five algorithms with their defaults, plus sd.py's logit mode.
+ALGORITHMS = {"grpo": ("grpo", []), "sd": ("sd", []), "sd-logit": ("sd", ["--sd-loss", "logit"]),
+              "credit": ("credit", []), "antisd": ("antisd", []), "hsd": ("hsd", [])}
 DIAGNOSTICS = {"sd": ["sd/pmi_seq_mean"], "credit": ["credit/contrast_mean"],
                "antisd": ["gate/entropy_median", "gate/h_warm", "gate/on"],
                "hsd": ["hsd/credit_mass_near_div", "hsd/credit_mass_near_div_answer_only"]}
@@ -40,7 +42,8 @@ DIAGNOSTICS = {"sd": ["sd/pmi_seq_mean"], "credit": ["credit/contrast_mean"],
 def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> list[dict]:
     """Train one algorithm for one seed in a subprocess; returns its metrics rows."""
     run_dir = out / "runs" / f"{algorithm}-{seed}"
-    cmd = [sys.executable, str(ROOT / f"{algorithm}.py"), "--seed", str(seed), "--total-steps", str(steps),
+    script, flags = ALGORITHMS[algorithm]
+    cmd = [sys.executable, str(ROOT / f"{script}.py"), *flags, "--seed", str(seed), "--total-steps", str(steps),
            "--eval-every", str(eval_every), "--output-dir", str(run_dir), *extra]
     started = time.perf_counter()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -130,7 +133,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
+    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time (one thread each)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--quick", action="store_true", help="one seed, 3 steps, small eval: a pipeline check")

@@ -67,8 +67,12 @@ class Run:
         """Held-out metrics; sample rows go to samples.jsonl."""
         a = self.args
         t0 = time.perf_counter()
-        metrics, table = evaluate(self.policy, self.tokenizer, self.eval_set, self.d, a.max_new_tokens, a.eval_samples,
-                                  a.eval_temperature, enable_thinking=a.enable_thinking)
+        # Its own random stream, seeded by (seed, rank, step): evaluating never shifts the training samples
+        # (so --eval-every leaves the run unchanged), and every algorithm is evaluated with the same draws.
+        with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
+            torch.manual_seed(hash((a.seed, self.d.rank, step)) % 2**63)
+            metrics, table = evaluate(self.policy, self.tokenizer, self.eval_set, self.d, a.max_new_tokens, a.eval_samples,
+                                      a.eval_temperature, enable_thinking=a.enable_thinking)
         self.tracker.samples(step, [{"split": "eval", **row} for row in table])
         return {**metrics, "perf/eval_s": time.perf_counter() - t0}
 

@@ -12,7 +12,7 @@ def test_compare_quick_pipeline(tmp_path):
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert [r["algorithm"] for r in summary] == ["grpo", "sd", "credit", "antisd", "hsd"]
+    assert [r["algorithm"] for r in summary] == ["grpo", "sd", "sd-logit", "credit", "antisd", "hsd"]
     curves = list(csv.DictReader((tmp_path / "curves.csv").open()))
     for r in summary:  # the summary is computed from the curves: first and last eval of the one seed
         evals = [c for c in curves if c["algorithm"] == r["algorithm"]]

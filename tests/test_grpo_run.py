@@ -36,6 +36,15 @@ def test_metrics_interface_and_determinism(tiny_model_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "checkpoint" / "model")
 
 
+def test_evaluation_leaves_training_unchanged(tiny_model_dir, tmp_path):
+    """Evaluation draws from its own seeded stream: --eval-every changes no training metric."""
+    often = run(tiny_model_dir, tmp_path / "often", "--eval-every", "1", "--eval-samples", "2")
+    never = run(tiny_model_dir, tmp_path / "never", "--eval-every", "0")
+    assert all("eval/accuracy" in r for r in often) and not any("eval/accuracy" in r for r in never)
+    train = [{k: v for k, v in r.items() if not k.startswith(("perf/", "eval/"))} for r in often]
+    assert train == strip_perf(never)
+
+
 def test_crash_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
     full = run(tiny_model_dir, tmp_path / "full", "--save-every", "2")
     original = tracking.Tracker.log
