@@ -1,28 +1,28 @@
 """Learning: every algorithm improves held-out accuracy from the shipped toy base in a fixed budget.
 
 Each test trains with the script's defaults (the embedded toy task, P=8 x G=8, lr 3e-4, 60 steps,
-held-out avg@4 at temperature 1 on 200 problems, 800 samples) at seed 1 with one torch thread, so it
-repeats bit for bit on the same build, and asserts the gain of `eval/accuracy` from step 0 to the last
-step. The margins were set from `python bench/compare.py --seeds 1 2 3 4 5` (README, Results; one
-thread per run, torch 2.11 on a 16-core Xeon) plus five seeds of `sd.py --sd-loss logit`, each one
-below the worst of those five seeds:
+held-out avg@4 at temperature 1 on 200 problems, 800 samples per evaluation) at seed 1 with one torch
+thread, so it repeats bit for bit on the same build, and asserts that the final `eval/accuracy` beats
+the shipped base's by a margin. Evaluation draws from its own stream, so this run is exactly seed 1 of
+`python bench/compare.py --seeds 1 2 3 4 5 --jobs 2` (README, Results; this project's CPU build, torch
+2.13 on 2 cores), whose figures set the margins.
 
-    algorithm   gains over seeds 1-5           worst    margin
-    grpo        +0.071 +0.069 +0.090 +0.071 +0.081   +0.069   0.05
-    sd token    +0.034 +0.079 +0.059 +0.084 +0.056   +0.024*  0.015
-    sd logit    +0.090 +0.036 +0.080 +0.073 +0.080   +0.036   0.025
-    credit      +0.063 +0.041 +0.040 +0.059 +0.075   +0.040   0.03
-    antisd      +0.073 +0.038 +0.069 +0.053 +0.121   +0.038   0.025
-    hsd         +0.039 +0.074 +0.018 +0.034 +0.059   +0.018   0.01
+The base: the step-0 evaluations of those five seeds (the same model, different draws) gave 0.181,
+0.230, 0.204, 0.190, 0.215: one 800-sample evaluation moves by about +-0.02, so a gain measured from
+one step-0 evaluation is mostly noise. The test compares with their mean, BASE = 0.204 (4000 samples).
 
-* Seed 1 on this project's CI build (torch 2.13 on 2 cores) gave +0.024 for sd token mode, the worst
-figure seen, so its margin sits below that. The difference of two such evaluations has a standard deviation of about 0.015 from sampling alone,
-so the smaller margins (hsd above all) say "does not get worse and usually improves", not more.
+    final accuracy - BASE, seeds 1-5             worst    margin
+    grpo        +0.069 +0.052 +0.088 +0.072 +0.088   +0.052   0.04
+    sd token    +0.040 +0.027 +0.043 +0.035 +0.051   +0.027   0.02
+    sd logit    +0.061 +0.075 +0.090 +0.038 +0.106   +0.038   0.03
+    credit      +0.017 +0.056 +0.060 +0.028 +0.051   +0.017   0.01
+    antisd      +0.037 +0.062 +0.106 +0.071 +0.081   +0.037   0.03
+    hsd         +0.032 +0.040 +0.074 +0.047 +0.045   +0.032   0.025
 
 The hsd run also checks the paper's claim on the same steps (ALGORITHMS.md §2.4): on failed rows, the
 peer-conditioned teacher puts more of its negative credit within 8 tokens of the divergence from the
-peer than the answer-only teacher does. Run means over seeds 1-5: 0.557/0.480, 0.571/0.481,
-0.552/0.484, 0.522/0.444, 0.547/0.463, a gap of +0.068 to +0.090; the margin is 0.04.
+peer than the answer-only teacher does. Run means over seeds 1-5: 0.548/0.461, 0.544/0.477,
+0.540/0.451, 0.557/0.482, 0.553/0.479, a gap of +0.067 to +0.089; the margin is 0.05.
 """
 import importlib
 import json
@@ -32,8 +32,9 @@ import pytest
 import torch
 import tyro
 
-MARGIN = {"grpo": 0.05, "sd": 0.015, "sd-logit": 0.025, "credit": 0.03, "antisd": 0.025, "hsd": 0.01}
-HSD_CONCENTRATION_MARGIN = 0.04
+BASE = 0.204
+MARGIN = {"grpo": 0.04, "sd": 0.02, "sd-logit": 0.03, "credit": 0.01, "antisd": 0.03, "hsd": 0.025}
+HSD_CONCENTRATION_MARGIN = 0.05
 
 
 def train(script: str, extra: list[str], out) -> list[dict]:
@@ -56,7 +57,8 @@ def test_held_out_accuracy_rises(name, script, extra, tmp_path):
     rows = train(script, extra, tmp_path)
     assert len(rows) == 60 and "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
     first, last = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
-    assert last - first >= MARGIN[name], f"{name}: held-out accuracy {first:.3f} -> {last:.3f}"
+    assert abs(first - BASE) < 0.03  # step 0 evaluates the shipped base
+    assert last - BASE >= MARGIN[name], f"{name}: held-out accuracy {first:.3f} -> {last:.3f} (base {BASE})"
     if name == "hsd":
         peer = statistics.mean(r["hsd/credit_mass_near_div"] for r in rows if r["hsd/credit_mass_near_div"] == r["hsd/credit_mass_near_div"])
         answer_only = statistics.mean(r["hsd/credit_mass_near_div_answer_only"] for r in rows
