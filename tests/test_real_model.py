@@ -44,8 +44,6 @@ STEPS = int(os.environ.get("CLEANSD_REAL_MODEL_STEPS", "1"))
 """Training steps per script: 1 keeps the file near 3 minutes on 2 CPU cores (2 costs ~20 s more per script)."""
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
-MAY_BE_NAN = ("hsd/div_index_mean", "hsd/credit_mass_near_div", "hsd/argmin_")
-"""HSD's divergence diagnostics are NaN on a step without a failed row that has a correct peer (hsd.py)."""
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +149,7 @@ def test_script_runs_on_real_model(script, model_dir, tmp_path, monkeypatch):
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(STEPS))
         for r in rows:
-            bad = {k: v for k, v in r.items() if not math.isfinite(v) and not (math.isnan(v) and k.startswith(MAY_BE_NAN))}
+            bad = {k: v for k, v in r.items() if not math.isfinite(v)}
             assert not bad, f"{script}: non-finite metrics at step {r['step']}: {bad}"
             assert 0.0 <= r["reward/mean"] <= 1.0 and 0.0 <= r["eval/accuracy"] <= 1.0
             assert 1 <= r["completion/len_mean"] <= 16
