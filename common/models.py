@@ -44,12 +44,14 @@ class Policy(nn.Module):
     def shares_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int, G: int) -> bool:
         """Whether blocks of G rows share their prompt, and prefix sharing is safe for this module."""
         B, L = input_ids.shape
-        if B % G or L <= T + 1 or getattr(self.lm.model, "gradient_checkpointing", False):
+        if B % G or T < 2 or L == T:
+            return False  # the completion pass needs a token before the last one, and a prompt to share
+        if getattr(self.lm.model, "gradient_checkpointing", False):
             return False  # HF turns the KV cache off under gradient checkpointing
         if any(hasattr(p, "device_mesh") for p in self.lm.lm_head.parameters()):
             return False  # FSDP2-sharded: every layer runs once per forward, as FSDP2 schedules it
-        prompts = torch.stack([input_ids[:, :-T], attention_mask[:, :-T]]).view(2, B // G, G, L - T)
-        return bool((prompts == prompts[:, :, :1]).all())
+        ids, mask = input_ids[:, :-T].view(B // G, G, -1), attention_mask[:, :-T].view(B // G, G, -1)
+        return bool((ids == ids[:, :1]).all() and (mask == mask[:, :1]).all())
 
     def grouped_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                        T: int, G: int) -> torch.Tensor:

@@ -111,6 +111,8 @@ def test_group_prompt_sharing_matches_full_forward(policy, tokenizer):
     policy.train()
     assert policy.shares_prompts(ids, mask, T, G) and not policy.shares_prompts(ids[:3], mask[:3], T, G)
     assert not policy.shares_prompts(ids.roll(1, 0), mask.roll(1, 0), T, G)  # blocks of G rows with different prompts
+    assert not policy.shares_prompts(ids, mask, 1, G)  # one completion token: nothing before it to run
+    assert policy.shares_prompts(ids, mask.bool(), T, G)  # any mask dtype
 
     def run(group_size):
         policy.zero_grad()
