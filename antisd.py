@@ -32,12 +32,15 @@ Choices (marked [choice] in ALGORITHMS.md §2.3) and their flags:
 - Peer: the first other correct row of the group (deterministic, no RNG). Without one, `--privileged`
   picks the reference solution (default) or the answer only; `--no-feedback` drops the sentence.
 - `--divergence revkl`: delta = -u (reverse-KL ascent) instead of JSD.
-- Teacher weights: the current policy (`--teacher current`, the only value accepted); token mode only.
-  `--lam-max` replaces sd.py's `--lam`.
+- Teacher weights: the current policy (there is no `--teacher`); token mode only (no `--sd-loss`).
+  `--lam-max` plays the part of sd.py's `--lam`.
 
 Paper hyperparameters: Qwen3-4B/8B, DAPO-Math-17k, lr 1e-6, 32 prompts x 8 rollouts, 200 steps,
 temperature 1.0, PPO clip 0.2, no KL, one update per batch, lam_max 0.5, W 5, tau_down 0.93 H_warm.
 Headline: Qwen3-4B-Instruct-2507, 5-benchmark math average 62.8 vs GRPO 51.3; Qwen3-8B 65.7 vs 57.4.
+
+The GRPO frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, and `--beta`
+(the k3 KL to the frozen initial model, logged as `loss/kl`). grpo.py's `--preset` and overlong shaping are not offered here; `--dynamic-sampling` is.
 
 Run:
     python antisd.py                                  # the toy task, CPU, a few minutes
@@ -58,16 +61,44 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-import grpo
-import sd
-from common.data import Example
+from common.args import TrainArgs
+from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, gather_floats
+from common.example import Example
 from common.run import setup
+from common.teacher import score_teacher
+from common.tracking import warn_once
+from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
 
 
 @dataclass
-class Args(sd.Args):
+class Args(TrainArgs):
+    """Anti-Self-Distillation: ascend a bounded divergence from the answer-conditioned self-teacher, behind an entropy gate."""
+
+    # The GRPO frame (grpo.py)
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
+    loss_agg: Literal["sequence", "token", "constant"] = "token"
+    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
+    eps_low: float = 0.2
+    """Lower clip range of the ratio."""
+    eps_high: float = 0.28
+    """Upper clip range of the ratio (DAPO clip-higher)."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
+    grpo_coef: float = 1.0
+    """Scale of the GRPO advantage."""
+
+    # Teacher context (sd.py)
+    privileged: Literal["solution", "answer"] = "solution"
+    """Without a correct peer: the reference solution (answer when missing) or the final answer only."""
+    feedback: bool = True
+    """Append the correctness sentence on the row's own attempt (code: tests passed)."""
+    max_teacher_prompt_tokens: int = 1024
+    """Teacher prompts longer than this have their privileged block shortened in the middle."""
+
+    # AntiSD
     lam_max: float = 0.5
     """Weight of the AntiSD credit when the gate is on (0 reproduces grpo.py)."""
     gate_warmup_steps: int = 5
@@ -80,6 +111,120 @@ class Args(sd.Args):
     """Ascend the Jensen-Shannon divergence (delta = -phi(u)) or the reverse KL (delta = -u)."""
     h_warm_agg: Literal["pooled", "step-median"] = "pooled"
     """H_warm: median of all warm-up token entropies, or median of the warm-up step medians."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GRPO frame: advantage, surrogate, KL, aggregation (copied from grpo.py, kept identical by a test).
+
+
+# Same as grpo.py: group_advantages
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """A_i = r_i - mean_g(r), divided by std_g(r) + 1e-4 (`group`), the batch std (`batch`) or 1 (`none`)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)  # unbiased std, as TRL
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)
+    return centred.reshape(-1)
+
+
+# Same as grpo.py: clipped_surrogate
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and the ratio rho."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), ratio
+
+
+# Same as grpo.py: k3_kl
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - s) - (ref - s) - 1 >= 0."""
+    diff = ref_logprobs - logprobs
+    return torch.exp(diff) - diff - 1
+
+
+# Same as grpo.py: aggregate
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: float, num_tokens: float,
+              max_new_tokens: int) -> torch.Tensor:
+    """Reduce a [b, T] loss over a micro-batch with denominators taken over the whole minibatch.
+
+    sequence: sum_i (sum_t l / |y_i|) / rows;  token: sum l / tokens;  constant: sum l / (rows * L_max).
+    """
+    masked = per_token * mask
+    if mode == "sequence":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_rows
+    if mode == "token":
+        return masked.sum() / num_tokens
+    if mode == "constant":
+        return masked.sum() / (num_rows * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# Same as grpo.py: policy_loss
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
+
+    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
+    detached log-probs are pi_old and rho == 1.
+    """
+    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
+    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
+    tokens = mb.tokens["completion"]
+    loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+    stats = {"loss/policy": (per_token * m).sum(),
+             "policy/clip_frac_low": ((ratio < 1 - args.eps_low) & (adv < 0)).float().mul(m).sum(),
+             "policy/clip_frac_high": ((ratio > 1 + args.eps_high) & (adv > 0)).float().mul(m).sum(),
+             "policy/ratio_mean": (ratio.detach() * m).sum()}
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, ref_logprobs[mb.rows])
+        loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+        stats["loss/kl"] = (kl * m).sum()
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# sd.py's fallback context and token credit (copied, kept identical by a test).
+
+
+# Same as sd.py: answer_block
+def answer_block(example: Example) -> str:
+    """The endpoint cue: only the final answer."""
+    return f"The correct final answer is: {example.answer}"
+
+
+# Same as sd.py: reference_block
+def reference_block(example: Example, mode: str) -> str:
+    """The dataset's reference solution (`solution`; the answer when there is none) or the answer only."""
+    if mode == "solution" and example.solution:
+        return example.solution
+    if mode == "solution":
+        warn_once("no-solution", "note: examples without a reference solution use the answer-only block")
+    return answer_block(example)
+
+
+# Same as sd.py: token_credit
+def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """u = t - s_old on completion tokens, 0 on padding (all detached)."""
+    return (teacher_logprobs - old_logprobs).detach() * mask
+
+
+# Same as sd.py: sd_metrics
+def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distilled: torch.Tensor, t_teacher: float) -> dict:
+    """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
+    n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
+    return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
+            "sd/credit_abs_mean": (all_reduce(credit.abs().sum()) / n_tokens).item(),
+            "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
+            "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
+            "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
+            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
+            "sd/frac_rows_distilled": (all_reduce(distilled.float().sum()) / n_rows).item(),
+            "perf/teacher_s": t_teacher}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,8 +321,8 @@ def correctness_sentence(example: Example, verdict: Verdict) -> str:
 
 
 def privileged_block(example: Example, verdict: Verdict, peer_text: str | None, mode: str, feedback: bool) -> str:
-    """c_i: a verified solution (a correct peer rollout, else sd.py's solution/answer block), then feedback."""
-    block = peer_text if peer_text is not None else sd.privileged_block(example, verdict, mode, feedback=False)
+    """c_i: a verified solution (a correct peer rollout, else the reference solution or answer), then feedback."""
+    block = peer_text if peer_text is not None else reference_block(example, mode)
     return f"{block}\n\n{correctness_sentence(example, verdict)}" if feedback else block
 
 
@@ -194,11 +339,7 @@ def antisd_metrics(delta: torch.Tensor, credit: torch.Tensor, token_advantages: 
 
 
 def main(args: Args) -> None:
-    args = grpo.apply_preset(args)
-    if args.sd_loss != "token" or args.teacher != "current":
-        raise ValueError("antisd.py folds its credit into the advantage with the current policy as teacher: "
-                         "drop --sd-loss and --teacher (token mode, current weights)")
-    run = setup(args, "antisd")
+    run = setup(args, "antisd", reference=args.beta > 0)
     gate = EntropyGate(args.gate_warmup_steps, args.gate_down, args.h_warm_agg, enabled=not args.no_gate)
     if run.start_step > 0:
         if "gate" not in run.extra:
@@ -209,12 +350,15 @@ def main(args: Args) -> None:
         metrics = run.evaluate_before(step)
 
         # 1. Rollout and verify; GRPO group advantage A_i.
-        batch = grpo.collect_batch(run, args)
-        advantages = args.grpo_coef * grpo.group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
+        batch = collect_batch(run)
+        t_gen = time.perf_counter()
+        advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
-        # 2. Old-policy log-probs s_old.
-        old, _ = grpo.score_old_and_ref(run, args, batch)
+        # 2. Old-policy log-probs s_old, reference log-probs.
+        old = score_rollout(run, batch, with_entropy=True)
+        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        t_score = time.perf_counter()
 
         # 3. Teacher context c_i: a correct peer of the group (else the solution), then correctness feedback.
         peers = peer_rows([v.correct for v in batch.verdicts], args.group_size)
@@ -223,9 +367,8 @@ def main(args: Args) -> None:
                   for e, v, text in zip(batch.examples, batch.verdicts, peer_texts)]
 
         # 4. Teacher scores the same completion tokens, with its full-vocabulary entropy at tau.
-        t1 = time.perf_counter()
-        teacher = sd.score_teacher(run, args, batch, blocks, with_entropy=True)
-        t_teacher = time.perf_counter() - t1
+        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, with_entropy=True)
+        t_teach = time.perf_counter()
 
         # 5. Gate: H = median teacher entropy over every completion token of the batch (all ranks).
         entropies = gather_floats(teacher["entropy"][mask.bool()].float())
@@ -233,21 +376,23 @@ def main(args: Args) -> None:
         g = gate.update(h, entropies)
 
         # 6. Credit u = t - s_old; delta = -phi(u); token advantage A_t = A_i + g * lam_max * delta.
-        credit = sd.token_credit(teacher["logprobs"], old["logprobs"], mask)
+        credit = token_credit(teacher["logprobs"], old["logprobs"], mask)
         delta = antisd_credit(credit, args.divergence) * mask
         token_advantages = advantages[:, None] + g * args.lam_max * delta
 
         # 7. Clipped-surrogate update.
-        metrics |= grpo.ppo_update(run, args, batch, token_advantages, old["logprobs"], None, step)
+        metrics |= optimize(run, batch, lambda mb: policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs), step)
+        t_update = time.perf_counter()
 
         distilled = torch.full((mask.shape[0],), g * args.lam_max != 0, device=mask.device)
-        metrics |= sd.sd_metrics(credit, teacher, mask, distilled, t_teacher)
+        metrics |= sd_metrics(credit, teacher, mask, distilled, t_teach - t_score)
         has_peer = torch.tensor([p is not None for p in peers], device=mask.device)
         metrics |= antisd_metrics(delta, credit, token_advantages, mask, has_peer)
         metrics |= {"gate/entropy_median": h, "gate/on": g}
         if gate.h_warm is not None:  # known from the last warm-up step on
             metrics["gate/h_warm"] = gate.h_warm
-        grpo.finish_step(run, args, step, t0, metrics, batch, advantages, old, {"gate": gate.state_dict()})
+        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
+        run.end_step(step, t0, metrics, batch, advantages, old["entropy"], {"gate": gate.state_dict()})
     run.close()
 
 

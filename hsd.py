@@ -34,9 +34,12 @@ Choices (ALGORITHMS.md §2.4, marked [choice] there or here):
   (`Your previous attempt was correct/incorrect.`; a code verifier's message), for both teachers.
 - The peer's text is its decoded completion, special tokens skipped, nothing stripped; a teacher prompt
   over `--max-teacher-prompt-tokens` has the block shortened from its middle (common/teacher.py).
-- `--privileged` is inherited from sd.py and unused: here the context is the method.
 - `--div-window` (8) is the w of the diagnostic; `--diagnostics-every 0` turns the extra pass off.
 - Teacher weights, credit, loss and their defaults: sd.py's (`--teacher`, `--sd-loss`, `--lam`, ...).
+
+The GRPO frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, and `--beta`
+(the k3 KL to the frozen initial model, logged as `loss/kl`; an `initial` teacher doubles as that
+reference). grpo.py's `--preset` and overlong shaping are not offered here; `--dynamic-sampling` is.
 
 Run:
     python hsd.py                                  # token mode on the toy task
@@ -54,16 +57,57 @@ from typing import Literal
 import torch
 import tyro
 
-import grpo
-import sd
-from common.data import Example
+from common.args import TrainArgs
+from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce
+from common.example import Example
 from common.run import setup
+from common.teacher import ema_update, score_teacher
+from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
 
 
 @dataclass
-class Args(sd.Args):
+class Args(TrainArgs):
+    """Hindsight Self-Distillation: the self-teacher reads a successful peer rollout of the same group and the answer."""
+
+    # The GRPO frame (grpo.py)
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
+    loss_agg: Literal["sequence", "token", "constant"] = "token"
+    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
+    eps_low: float = 0.2
+    """Lower clip range of the ratio."""
+    eps_high: float = 0.28
+    """Upper clip range of the ratio (DAPO clip-higher)."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
+    grpo_coef: float = 1.0
+    """Scale of the GRPO advantage (0 with --sd-loss logit: pure distillation)."""
+
+    # Self-distillation (sd.py)
+    teacher: Literal["current", "ema", "initial"] = "current"
+    """Teacher weights: the current policy, an EMA of it (SDPO), or the frozen initial model (OPSD)."""
+    ema_rate: float = 0.05
+    """EMA teacher update rate: phi <- (1 - rate) phi + rate theta after each step."""
+    feedback: bool = True
+    """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
+    max_teacher_prompt_tokens: int = 1024
+    """Teacher prompts longer than this have their privileged block shortened in the middle."""
+    sd_loss: Literal["token", "logit"] = "token"
+    """`token`: fold lam * u into the advantage; `logit`: add a top-k generalized-JSD distillation loss."""
+    lam: float = 0.5
+    """Token mode: weight of the credit u in the token advantage (0 reproduces grpo.py)."""
+    lam_sd: float = 1.0
+    """Logit mode: weight of the distillation loss."""
+    jsd_alpha: float = 0.5
+    """Logit mode: generalized JSD mixture weight (0 forward KL(T||S), 1 reverse KL(S||T))."""
+    topk: int = 100
+    """Logit mode: distil over the student's top-k tokens plus one tail bucket."""
+    is_clip: float = 2.0
+    """Logit mode: clip of the detached importance weight exp(s - s_old)."""
+
+    # HSD
     peer: Literal["random", "first", "shortest"] = "random"
     """Which successful peer of the group conditions the teacher: uniform at random, the first, the shortest."""
     on_success: Literal["peer", "answer", "skip"] = "peer"
@@ -72,6 +116,148 @@ class Args(sd.Args):
     """Score with the answer-only teacher too every N steps, for the `_answer_only` diagnostics (0: never)."""
     div_window: int = 8
     """Diagnostic: credit mass counts as near the divergence index d within +- this many tokens."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GRPO frame: advantage, surrogate, KL, aggregation (copied from grpo.py, kept identical by a test).
+
+
+# Same as grpo.py: group_advantages
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """A_i = r_i - mean_g(r), divided by std_g(r) + 1e-4 (`group`), the batch std (`batch`) or 1 (`none`)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)  # unbiased std, as TRL
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)
+    return centred.reshape(-1)
+
+
+# Same as grpo.py: clipped_surrogate
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and the ratio rho."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), ratio
+
+
+# Same as grpo.py: k3_kl
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - s) - (ref - s) - 1 >= 0."""
+    diff = ref_logprobs - logprobs
+    return torch.exp(diff) - diff - 1
+
+
+# Same as grpo.py: aggregate
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: float, num_tokens: float,
+              max_new_tokens: int) -> torch.Tensor:
+    """Reduce a [b, T] loss over a micro-batch with denominators taken over the whole minibatch.
+
+    sequence: sum_i (sum_t l / |y_i|) / rows;  token: sum l / tokens;  constant: sum l / (rows * L_max).
+    """
+    masked = per_token * mask
+    if mode == "sequence":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_rows
+    if mode == "token":
+        return masked.sum() / num_tokens
+    if mode == "constant":
+        return masked.sum() / (num_rows * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# Same as grpo.py: policy_loss
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
+
+    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
+    detached log-probs are pi_old and rho == 1.
+    """
+    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
+    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
+    tokens = mb.tokens["completion"]
+    loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+    stats = {"loss/policy": (per_token * m).sum(),
+             "policy/clip_frac_low": ((ratio < 1 - args.eps_low) & (adv < 0)).float().mul(m).sum(),
+             "policy/clip_frac_high": ((ratio > 1 + args.eps_high) & (adv > 0)).float().mul(m).sum(),
+             "policy/ratio_mean": (ratio.detach() * m).sum()}
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, ref_logprobs[mb.rows])
+        loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+        stats["loss/kl"] = (kl * m).sum()
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# sd.py's feedback, credit and distillation loss (copied, kept identical by a test).
+
+
+# Same as sd.py: feedback_sentence
+def feedback_sentence(example: Example, verdict: Verdict) -> str:
+    """SDPO-style feedback on the row's own attempt; code tasks get the verifier's message."""
+    if example.task == "code":
+        return f"Feedback on your previous attempt: {verdict.feedback}"
+    return "Your previous attempt was correct." if verdict.correct else "Your previous attempt was incorrect."
+
+
+# Same as sd.py: answer_block
+def answer_block(example: Example) -> str:
+    """The endpoint cue: only the final answer."""
+    return f"The correct final answer is: {example.answer}"
+
+
+# Same as sd.py: token_credit
+def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """u = t - s_old on completion tokens, 0 on padding (all detached)."""
+    return (teacher_logprobs - old_logprobs).detach() * mask
+
+
+# Same as sd.py: generalized_jsd
+def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
+    """D_alpha over the last dim of log-probs: (1-a) KL(S||M) + a KL(T||M), M = (1-a) pS + a pT.
+
+    alpha = 0 is KL(T||S) and alpha = 1 is KL(S||T) (the mixture form vanishes at the ends).
+    """
+    def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+        return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+    if alpha == 0:
+        return kl(teacher, student)
+    if alpha == 1:
+        return kl(student, teacher)
+    mixture = torch.logsumexp(torch.stack([student + math.log(1 - alpha), teacher + math.log(alpha)]), dim=0)
+    return (1 - alpha) * kl(student, mixture) + alpha * kl(teacher, mixture)
+
+
+# Same as sd.py: distillation_loss
+def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, teacher_gathered: torch.Tensor,
+                      distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit mode: lam_sd * token mean over distilled rows of w_t * D_alpha(student top-k || teacher top-k); its sum.
+
+    w_t = min(exp(s_t - s_old_t), is_clip), detached; gradients flow only through the student.
+    """
+    weight = torch.exp(mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(max=args.is_clip).detach()
+    per_token = weight * generalized_jsd(mb.out["gathered"], teacher_gathered[mb.rows].detach(), args.jsd_alpha)
+    masked = per_token * distill_mask[mb.rows]
+    return args.lam_sd * masked.sum() / mb.tokens["distill"], masked.sum()
+
+
+# Same as sd.py: sd_metrics
+def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distilled: torch.Tensor, t_teacher: float) -> dict:
+    """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
+    n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
+    return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
+            "sd/credit_abs_mean": (all_reduce(credit.abs().sum()) / n_tokens).item(),
+            "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
+            "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
+            "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
+            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
+            "sd/frac_rows_distilled": (all_reduce(distilled.float().sum()) / n_rows).item(),
+            "perf/teacher_s": t_teacher}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,8 +293,8 @@ def hindsight_block(peer_text: str, answer: str) -> str:
 
 def privileged_block(example: Example, verdict: Verdict, peer_text: str | None, feedback: bool) -> str:
     """c_i: the hindsight block (answer-only without a peer), then sd.py's feedback on the attempt."""
-    block = hindsight_block(peer_text, example.answer) if peer_text is not None else sd.answer_block(example)
-    return f"{block}\n\n{sd.feedback_sentence(example, verdict)}" if feedback else block
+    block = hindsight_block(peer_text, example.answer) if peer_text is not None else answer_block(example)
+    return f"{block}\n\n{feedback_sentence(example, verdict)}" if feedback else block
 
 
 def divergence_index(a_ids: torch.Tensor, b_ids: torch.Tensor, a_len: torch.Tensor, b_len: torch.Tensor) -> torch.Tensor:
@@ -158,19 +344,22 @@ def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids
 
 
 def main(args: Args) -> None:
-    args = grpo.apply_preset(args)
-    run = setup(args, "hsd", with_teacher=args.teacher != "current")
+    run = setup(args, "hsd", teacher_weights=args.teacher, reference=args.beta > 0)
+    logit = args.sd_loss == "logit"
     for step in range(run.start_step, args.total_steps):
         t0 = time.perf_counter()
         metrics = run.evaluate_before(step)
 
         # 1. Rollout and verify; GRPO group advantage A_i.
-        batch = grpo.collect_batch(run, args)
-        advantages = args.grpo_coef * grpo.group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
+        batch = collect_batch(run)
+        t_gen = time.perf_counter()
+        advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
-        # 2. Old-policy log-probs s_old (logit mode: also the top-k indices to distil over).
-        old, _ = grpo.score_old_and_ref(run, args, batch, topk=args.topk if args.sd_loss == "logit" else 0)
+        # 2. Old-policy log-probs s_old (logit mode: also the top-k indices to distil over), reference log-probs.
+        old = score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
+        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        t_score = time.perf_counter()
 
         # 3. Teacher context c_i: a successful peer of the same group + the answer (answer only without a peer).
         correct = torch.tensor([v.correct for v in batch.verdicts])
@@ -184,38 +373,48 @@ def main(args: Args) -> None:
                   for e, v, p in zip(batch.examples, batch.verdicts, peers.tolist())]
 
         # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t).
-        t1 = time.perf_counter()
-        teacher = sd.score_teacher(run, args, batch, blocks, gather_index=old.get("topk_index"))
-        t_teacher = time.perf_counter() - t1
+        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"))
+        t_teach = time.perf_counter()
 
         # 5. Credit u = t - s_old (0 on skipped rows); token advantage A_t = A_i + lam * u or a distillation loss.
-        credit = sd.token_credit(teacher["logprobs"], old["logprobs"], mask * distilled[:, None])
-        extra = None
-        if args.sd_loss == "token":
-            token_advantages = advantages[:, None] + args.lam * credit
-        else:
+        credit = token_credit(teacher["logprobs"], old["logprobs"], mask * distilled[:, None])
+        distill_mask = mask * distilled[:, None].float()
+        if logit:
             token_advantages = advantages[:, None].expand_as(mask).contiguous()
-            extra = sd.distillation_loss(args, old, teacher, distilled.float(), mask)
+        else:
+            token_advantages = advantages[:, None] + args.lam * credit
+
+        def loss_fn(mb: MicroBatch):
+            loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+            if logit:
+                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], teacher["gathered"], distill_mask)
+                loss = loss + distill
+            return loss, stats
 
         # 6. Diagnostics: the answer-only teacher on the same rows, before the update changes the weights.
         #    Every rank scores all its rows, so FSDP ranks run the same forwards.
         credits = {"": credit}
         if args.diagnostics_every > 0 and step % args.diagnostics_every == 0:
             t1 = time.perf_counter()
-            answer_only = sd.score_teacher(run, args, batch, [privileged_block(e, v, None, args.feedback)
-                                                              for e, v in zip(batch.examples, batch.verdicts)])
-            credits["_answer_only"] = sd.token_credit(answer_only["logprobs"], old["logprobs"], mask)
+            answer_only = score_teacher(run, batch, [privileged_block(e, v, None, args.feedback)
+                                                     for e, v in zip(batch.examples, batch.verdicts)],
+                                        args.max_teacher_prompt_tokens)
+            credits["_answer_only"] = token_credit(answer_only["logprobs"], old["logprobs"], mask)
             metrics["perf/diagnostics_s"] = time.perf_counter() - t1
+        t_diag = time.perf_counter()
 
         # 7. Clipped-surrogate update (+ distillation), then the EMA teacher follows.
-        metrics |= grpo.ppo_update(run, args, batch, token_advantages, old["logprobs"], None, step, extra)
+        metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask} if logit else None,
+                            stat_masks={"loss/distill": "distill"}, gather_index=old.get("topk_index") if logit else None)
         if args.teacher == "ema":
-            sd.ema_update(run.teacher, run.policy, args.ema_rate)
+            ema_update(run.teacher, run.policy, args.ema_rate)
+        t_update = time.perf_counter()
 
-        metrics |= sd.sd_metrics(credit, teacher, mask, distilled, t_teacher)
+        metrics |= sd_metrics(credit, teacher, mask, distilled, t_teach - t_score)
         metrics |= hsd_metrics(correct.to(run.d.device), peers.to(run.d.device), args.group_size,
                                batch.rollout.completion_ids, mask, credits, args.div_window)
-        grpo.finish_step(run, args, step, t0, metrics, batch, advantages, old)
+        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_diag}
+        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
     run.close()
 
 

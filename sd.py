@@ -25,6 +25,10 @@ Choices (ALGORITHMS.md §2, marked [choice] there):
 - Logit mode takes the top-k indices from the rollout policy's distribution (the old-policy pass), so
   the teacher is scored once per step; with one update per batch that is the current student's top-k.
 
+The GRPO frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, and `--beta`
+(the k3 KL to the frozen initial model, logged as `loss/kl`; an `initial` teacher doubles as that
+reference). grpo.py's `--preset` and overlong shaping are not offered here; `--dynamic-sampling` is.
+
 Run:
     python sd.py                                  # token mode on the toy task
     python sd.py --sd-loss logit --grpo-coef 0    # pure logit distillation (OPSD/SDPO style)
@@ -41,17 +45,36 @@ from typing import Literal
 import torch
 import tyro
 
-import grpo
-from common.data import Example
+from common.args import TrainArgs
+from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce
-from common.logprobs import score_completions
-from common.run import Run, setup
-from common.teacher import teacher_inputs
+from common.example import Example
+from common.run import setup
+from common.teacher import ema_update, score_teacher
+from common.tracking import warn_once
+from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
 
 
 @dataclass
-class Args(grpo.Args):
+class Args(TrainArgs):
+    """On-policy self-distillation: the policy, shown a reference solution and feedback, is its own token-level teacher."""
+
+    # The GRPO frame (grpo.py)
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
+    loss_agg: Literal["sequence", "token", "constant"] = "token"
+    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
+    eps_low: float = 0.2
+    """Lower clip range of the ratio."""
+    eps_high: float = 0.28
+    """Upper clip range of the ratio (DAPO clip-higher)."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
+    grpo_coef: float = 1.0
+    """Scale of the GRPO advantage (0 with --sd-loss logit: pure distillation)."""
+
+    # Self-distillation
     teacher: Literal["current", "ema", "initial"] = "current"
     """Teacher weights: the current policy, an EMA of it (SDPO), or the frozen initial model (OPSD)."""
     ema_rate: float = 0.05
@@ -68,8 +91,6 @@ class Args(grpo.Args):
     """Token mode: weight of the credit u in the token advantage (0 reproduces grpo.py)."""
     lam_sd: float = 1.0
     """Logit mode: weight of the distillation loss."""
-    grpo_coef: float = 1.0
-    """Scale of the GRPO advantage (0 with --sd-loss logit: pure distillation)."""
     jsd_alpha: float = 0.5
     """Logit mode: generalized JSD mixture weight (0 forward KL(T||S), 1 reverse KL(S||T))."""
     topk: int = 100
@@ -79,9 +100,81 @@ class Args(grpo.Args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The algorithm: teacher context, token credit, divergence (pure functions).
+# The GRPO frame: advantage, surrogate, KL, aggregation (copied from grpo.py, kept identical by a test).
 
-_warned: set[str] = set()
+
+# Same as grpo.py: group_advantages
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """A_i = r_i - mean_g(r), divided by std_g(r) + 1e-4 (`group`), the batch std (`batch`) or 1 (`none`)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)  # unbiased std, as TRL
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)
+    return centred.reshape(-1)
+
+
+# Same as grpo.py: clipped_surrogate
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and the ratio rho."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), ratio
+
+
+# Same as grpo.py: k3_kl
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - s) - (ref - s) - 1 >= 0."""
+    diff = ref_logprobs - logprobs
+    return torch.exp(diff) - diff - 1
+
+
+# Same as grpo.py: aggregate
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: float, num_tokens: float,
+              max_new_tokens: int) -> torch.Tensor:
+    """Reduce a [b, T] loss over a micro-batch with denominators taken over the whole minibatch.
+
+    sequence: sum_i (sum_t l / |y_i|) / rows;  token: sum l / tokens;  constant: sum l / (rows * L_max).
+    """
+    masked = per_token * mask
+    if mode == "sequence":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_rows
+    if mode == "token":
+        return masked.sum() / num_tokens
+    if mode == "constant":
+        return masked.sum() / (num_rows * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# Same as grpo.py: policy_loss
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
+
+    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
+    detached log-probs are pi_old and rho == 1.
+    """
+    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
+    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
+    tokens = mb.tokens["completion"]
+    loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+    stats = {"loss/policy": (per_token * m).sum(),
+             "policy/clip_frac_low": ((ratio < 1 - args.eps_low) & (adv < 0)).float().mul(m).sum(),
+             "policy/clip_frac_high": ((ratio > 1 + args.eps_high) & (adv > 0)).float().mul(m).sum(),
+             "policy/ratio_mean": (ratio.detach() * m).sum()}
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, ref_logprobs[mb.rows])
+        loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+        stats["loss/kl"] = (kl * m).sum()
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# The algorithm: teacher context, token credit, divergence (pure functions).
 
 
 def feedback_sentence(example: Example, verdict: Verdict) -> str:
@@ -96,15 +189,18 @@ def answer_block(example: Example) -> str:
     return f"The correct final answer is: {example.answer}"
 
 
+def reference_block(example: Example, mode: str) -> str:
+    """The dataset's reference solution (`solution`; the answer when there is none) or the answer only."""
+    if mode == "solution" and example.solution:
+        return example.solution
+    if mode == "solution":
+        warn_once("no-solution", "note: examples without a reference solution use the answer-only block")
+    return answer_block(example)
+
+
 def privileged_block(example: Example, verdict: Verdict, mode: str, feedback: bool) -> str:
     """c_i for sd.py: the reference solution (or the answer), then feedback on the attempt."""
-    if mode == "solution" and example.solution:
-        block = example.solution
-    else:
-        if mode == "solution" and "no-solution" not in _warned:
-            _warned.add("no-solution")
-            print("note: examples without a reference solution use the answer-only block", flush=True)
-        block = answer_block(example)
+    block = reference_block(example, mode)
     return f"{block}\n\n{feedback_sentence(example, verdict)}" if feedback else block
 
 
@@ -129,45 +225,16 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, alpha: float) 
     return (1 - alpha) * kl(student, mixture) + alpha * kl(teacher, mixture)
 
 
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
-    """phi <- (1 - rate) phi + rate theta, parameter by parameter (shard by shard under FSDP2)."""
-    for phi, theta in zip(teacher.parameters(), student.parameters()):
-        phi.lerp_(theta.detach(), rate)
+def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, teacher_gathered: torch.Tensor,
+                      distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit mode: lam_sd * token mean over distilled rows of w_t * D_alpha(student top-k || teacher top-k); its sum.
 
-
-# ---------------------------------------------------------------------------------------------------
-# The SD step's mechanics, reused by credit.py, antisd.py and hsd.py.
-
-
-def teacher_model(run: Run, args: Args) -> torch.nn.Module:
-    """The network that scores as teacher: the policy itself, or the EMA / initial copy."""
-    return run.policy if args.teacher == "current" else run.teacher
-
-
-def score_teacher(run: Run, args: Args, batch: grpo.Batch, blocks: list[str], problems: list[str] | None = None,
-                  gather_index: torch.Tensor | None = None, model: torch.nn.Module | None = None, **stats) -> dict:
-    """Teacher log-probs of the batch's own completion tokens after per-row teacher prompts."""
-    r = batch.rollout
-    problems = problems if problems is not None else [e.prompt for e in batch.examples]
-    ids, mask, shortened = teacher_inputs(run.tokenizer, problems, blocks, args.max_teacher_prompt_tokens,
-                                          run.d.device, args.enable_thinking)
-    with run.d.autocast():
-        out = score_completions(model if model is not None else teacher_model(run, args), ids, mask, r.completion_ids,
-                                r.completion_mask, args.temperature, args.logprob_chunk, args.micro_batch_rows,
-                                gather_index=gather_index, **stats)
-    out["shortened"] = shortened.float()
-    out["prompt_len"] = mask.sum(-1).float()
-    return out
-
-
-def distillation_loss(args: Args, old: dict, teacher: dict, row_mask: torch.Tensor, mask: torch.Tensor) -> grpo.ExtraLoss:
-    """Logit mode: w_t * D_alpha(student top-k || teacher top-k) per token, token mean over distilled rows."""
-    def per_token(out: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        weight = torch.exp(out["logprobs"] - old["logprobs"][rows]).clamp(max=args.is_clip).detach()
-        return weight * generalized_jsd(out["gathered"], teacher["gathered"][rows].detach(), args.jsd_alpha)
-
-    return grpo.ExtraLoss(per_token, mask * row_mask[:, None], args.lam_sd, old["topk_index"])
+    w_t = min(exp(s_t - s_old_t), is_clip), detached; gradients flow only through the student.
+    """
+    weight = torch.exp(mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(max=args.is_clip).detach()
+    per_token = weight * generalized_jsd(mb.out["gathered"], teacher_gathered[mb.rows].detach(), args.jsd_alpha)
+    masked = per_token * distill_mask[mb.rows]
+    return args.lam_sd * masked.sum() / mb.tokens["distill"], masked.sum()
 
 
 def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distilled: torch.Tensor, t_teacher: float) -> dict:
@@ -184,45 +251,55 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distille
 
 
 def main(args: Args) -> None:
-    args = grpo.apply_preset(args)
-    run = setup(args, "sd", with_teacher=args.teacher != "current")
+    run = setup(args, "sd", teacher_weights=args.teacher, reference=args.beta > 0)
+    logit = args.sd_loss == "logit"
     for step in range(run.start_step, args.total_steps):
         t0 = time.perf_counter()
         metrics = run.evaluate_before(step)
 
         # 1. Rollout and verify; GRPO group advantage A_i.
-        batch = grpo.collect_batch(run, args)
-        advantages = args.grpo_coef * grpo.group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
+        batch = collect_batch(run)
+        t_gen = time.perf_counter()
+        advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
-        # 2. Old-policy log-probs s_old (logit mode: also the top-k indices to distil over).
-        old, _ = grpo.score_old_and_ref(run, args, batch, topk=args.topk if args.sd_loss == "logit" else 0)
+        # 2. Old-policy log-probs s_old (logit mode: also the top-k indices to distil over), reference log-probs.
+        old = score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
+        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        t_score = time.perf_counter()
 
         # 3. Teacher context c_i: reference solution (or answer) + feedback on the attempt.
         blocks = [privileged_block(e, v, args.privileged, args.feedback) for e, v in zip(batch.examples, batch.verdicts)]
 
         # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t).
-        t1 = time.perf_counter()
-        teacher = score_teacher(run, args, batch, blocks, gather_index=old.get("topk_index"))
-        t_teacher = time.perf_counter() - t1
+        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"))
+        t_teach = time.perf_counter()
 
         # 5. Credit u = t - s_old; token advantage A_t = A_i + lam * u (token mode) or a distillation loss.
         credit = token_credit(teacher["logprobs"], old["logprobs"], mask)
         distilled = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-        extra = None
-        if args.sd_loss == "token":
-            token_advantages = advantages[:, None] + args.lam * credit
-        else:
+        if logit:
             token_advantages = advantages[:, None].expand_as(mask).contiguous()
-            extra = distillation_loss(args, old, teacher, distilled.float(), mask)
+        else:
+            token_advantages = advantages[:, None] + args.lam * credit
+
+        def loss_fn(mb: MicroBatch):
+            loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+            if logit:
+                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], teacher["gathered"], mask)
+                loss = loss + distill
+            return loss, stats
 
         # 6. Clipped-surrogate update (+ distillation), then the EMA teacher follows.
-        metrics |= grpo.ppo_update(run, args, batch, token_advantages, old["logprobs"], None, step, extra)
+        metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": mask} if logit else None,
+                            stat_masks={"loss/distill": "distill"}, gather_index=old.get("topk_index") if logit else None)
         if args.teacher == "ema":
             ema_update(run.teacher, run.policy, args.ema_rate)
+        t_update = time.perf_counter()
 
-        metrics |= sd_metrics(credit, teacher, mask, distilled, t_teacher)
-        grpo.finish_step(run, args, step, t0, metrics, batch, advantages, old)
+        metrics |= sd_metrics(credit, teacher, mask, distilled, t_teach - t_score)
+        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
+        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
     run.close()
 
 

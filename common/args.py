@@ -54,6 +54,10 @@ class TrainArgs:
     """Sampling temperature; logits are divided by it in every training log-softmax too."""
     top_p: float = 1.0
     """Nucleus sampling (1.0 keeps the sampling distribution equal to the scored one)."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and resample until P informative groups (bounded)."""
+    max_sampling_rounds: int = 4
+    """Rollout rounds allowed to fill the batch under dynamic sampling."""
 
     # optimisation
     learning_rate: float = 3e-4

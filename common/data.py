@@ -5,31 +5,15 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from common.example import Example
 
 
 class DataError(ValueError):
     """A dataset problem the user can fix (bad path, unknown name, malformed row)."""
-
-
-@dataclass
-class Example:
-    """One prompt with what the verifier and the SD teacher need."""
-
-    prompt: str
-    """The user message given to the policy (task instructions included)."""
-    answer: str
-    """The exact final answer (math/toy); for code, a short description of the expected behaviour."""
-    solution: str | None = None
-    """A worked reference solution, if the dataset has one (used as privileged context)."""
-    tests: list[str] | None = None
-    """Code tasks: Python statements (asserts) that a correct program passes."""
-    task: str = "toy"
-    """Which verifier checks it: `toy`, `math` or `code`."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Anything else worth keeping (source row index, id)."""
 
 
 LOCAL_FIELDS = {"prompt": str, "answer": (str, int, float), "solution": (str, type(None)), "tests": (list, type(None)), "task": str}

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from common.data import Example
+from common.example import Example
 from common.dist import Dist, all_reduce
-from common.rollout import generate, render_prompts
+from common.prompts import render_prompts
+from common.rollout import generate
 from common.verifiers import verify
 
 

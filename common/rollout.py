@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from common.models import Policy
+from common.prompts import tokenize_left
 
 
 @dataclass
@@ -38,18 +39,6 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
-
-
-def render_prompts(tokenizer: PreTrainedTokenizerBase, messages: list[str], enable_thinking: bool = False) -> list[str]:
-    """Each user message through the tokenizer's chat template, ending with the assistant header."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True,
-                                          enable_thinking=enable_thinking) for m in messages]
-
-
-def tokenize_left(tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask of already rendered texts (no extra special tokens)."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
 def completion_masks(ids: torch.Tensor, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Run setup shared by the five scripts: dist, seed, model, data, optimizer, resume, tracking, eval, save."""
+"""Run setup and the end of a step, shared by the five scripts: dist, seed, models, data, optimizer, resume,
+tracking, evaluation, checkpoints."""
 from __future__ import annotations
 
 import copy
@@ -9,12 +10,14 @@ from pathlib import Path
 import torch
 
 from common import checkpoint
+from common.batch import Batch, batch_metrics
 from common.args import TrainArgs, finalize, seed_everything
-from common.data import DataError, Example, PromptSampler, load_examples
-from common.dist import Dist, cleanup, init_dist, shard
+from common.data import DataError, PromptSampler, load_examples
+from common.example import Example
+from common.dist import Dist, all_reduce, cleanup, init_dist, shard
 from common.evaluation import evaluate
 from common.models import Policy, load_policy, load_tokenizer
-from common.rollout import render_prompts
+from common.prompts import render_prompts
 from common.tracking import Tracker
 
 
@@ -40,10 +43,18 @@ class Run:
     eval_set: list[Example]
     tracker: Tracker
     teacher: Policy | None = None
+    """A separate teacher copy (EMA or frozen initial weights); None when the policy teaches itself."""
+    reference: Policy | None = None
+    """The frozen initial policy of the KL term (None without one)."""
     start_step: int = 0
     extra: dict = field(default_factory=dict)
     skipped_prompts: int = 0
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def teacher_model(self) -> Policy:
+        """The network that scores as teacher: the separate copy if there is one, else the policy itself."""
+        return self.teacher if self.teacher is not None else self.policy
 
     @property
     def local_prompts(self) -> int:
@@ -90,6 +101,27 @@ class Run:
         last = step == self.args.total_steps - 1
         return last or (self.args.save_every > 0 and (step + 1) % self.args.save_every == 0)
 
+    def end_step(self, step: int, t0: float, metrics: dict, batch: Batch, advantages: torch.Tensor,
+                 entropy: torch.Tensor, state: dict | None = None) -> None:
+        """The tail of every step: rollout statistics, final eval, samples, the metrics line, checkpoint.
+
+        `advantages` [B] are the sequence advantages; `entropy` [B, T] the policy's per-token entropy;
+        `state` is the script's own state to checkpoint (e.g. a gate).
+        """
+        a, mask = self.args, batch.rollout.completion_mask.float()
+        metrics |= batch_metrics(self, batch, advantages.cpu())
+        metrics["policy/entropy"] = (all_reduce((entropy * mask).sum()) / all_reduce(mask.sum())).item()
+        if step == a.total_steps - 1 and self.is_eval_step(step):
+            metrics |= self.evaluate(step)  # the last step reports the final policy
+        metrics["perf/step_s"] = time.perf_counter() - t0
+        metrics["perf/tokens_per_s"] = float(all_reduce(mask.sum())) / metrics["perf/step_s"]
+        if a.sample_every > 0 and step % a.sample_every == 0:
+            self.tracker.samples(step, [{"split": "train", "prompt": e.prompt, "completion": t, "reward": float(r)}
+                                        for e, t, r in list(zip(batch.examples, batch.rollout.texts, batch.rewards))[:4]])
+        self.tracker.log(step, metrics)
+        if self.should_save(step):
+            self.save(step + 1, state)
+
 
 def load_splits(args: TrainArgs, tokenizer) -> tuple[list[Example], list[Example], int]:
     """Train and eval examples with over-long prompts skipped (the count is returned and logged)."""
@@ -102,14 +134,19 @@ def load_splits(args: TrainArgs, tokenizer) -> tuple[list[Example], list[Example
     return train, evals, skipped + skipped_eval
 
 
-def setup(args: TrainArgs, script: str, with_teacher: bool = False) -> Run:
-    """Process group, seeds, model (+ an optional frozen teacher copy), data, optimizer, resume, tracker."""
+def setup(args: TrainArgs, script: str, teacher_weights: str = "current", reference: bool = False) -> Run:
+    """Process group, seeds, models, data, optimizer, resume, tracker.
+
+    teacher_weights: `current` (the policy teaches itself), `ema` or `initial` (a separate copy of the initial
+    weights, which the script updates or keeps frozen). reference: load the frozen initial policy for
+    a KL term (shared with an `initial` teacher, which holds the same weights).
+    """
     out_dir = finalize(args, script)
     d = init_dist()
     seed_everything(args.seed + d.rank)
     tokenizer = load_tokenizer(args.model)
     policy = load_policy(args.model, d.device, args.gradient_checkpointing)
-    teacher = copy.deepcopy(policy).requires_grad_(False).eval() if with_teacher else None
+    teacher = copy.deepcopy(policy).requires_grad_(False).eval() if teacher_weights != "current" else None
     policy, teacher = shard(policy, d), shard(teacher, d) if teacher is not None else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     train, evals, skipped = load_splits(args, tokenizer)
@@ -126,4 +163,8 @@ def setup(args: TrainArgs, script: str, with_teacher: bool = False) -> Run:
         print(f"{script}: {len(train)} train / {len(evals)} eval prompts ({skipped} over-long skipped), "
               f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params, {d.world_size} rank(s), "
               f"{d.device.type}; writing to {out_dir}", flush=True)
-    return Run(args, d, out_dir, tokenizer, policy, optimizer, sampler, evals, tracker, teacher, start, extra, skipped)
+    frozen = None
+    if reference:  # the frozen initial policy, sharing nothing with the trained weights (an `initial` teacher is one)
+        frozen = teacher if teacher_weights == "initial" else shard(load_policy(args.model, d.device).requires_grad_(False).eval(), d)
+    return Run(args, d, out_dir, tokenizer, policy, optimizer, sampler, evals, tracker, teacher, frozen, start, extra,
+               skipped)

@@ -1,15 +1,17 @@
-"""The self-distillation teacher prompt (ALGORITHMS.md §2): one user turn, problem + privileged block.
+"""The self-distillation teacher: its prompt (problem + privileged block), its scoring pass, its EMA weights.
 
-The teacher is the same network scoring the same completion tokens after this prompt, rendered with
-the same chat template and settings as the student's. A block that makes the prompt too long is
-shortened from its middle; the problem and the instruction are never cut.
+The teacher is the same network (or a copy of it: EMA, initial) scoring the same completion tokens
+after a teacher prompt, one user turn rendered with the same chat template and settings as the
+student's. A block that makes the prompt too long is shortened from its middle; the problem and the
+instruction are never cut.
 """
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from common.rollout import render_prompts, tokenize_left
+from common.logprobs import score_completions
+from common.prompts import render_prompts, tokenize_left
 
 TEACHER_INSTRUCTION = "Now solve the original problem step by step."
 CUT_MARK = "\n[...]\n"
@@ -43,3 +45,30 @@ def teacher_inputs(tokenizer: PreTrainedTokenizerBase, problems: list[str], bloc
         rendered.append(text)
     ids, mask = tokenize_left(tokenizer, rendered, device)
     return ids, mask, torch.tensor(shortened, device=device)
+
+
+def score_teacher(run, batch, blocks: list[str], max_prompt_tokens: int, problems: list[str] | None = None,
+                  gather_index: torch.Tensor | None = None, model: torch.nn.Module | None = None, **stats) -> dict:
+    """Teacher log-probs of the batch's own completion tokens after per-row teacher prompts (problem + block).
+
+    `problems` defaults to each row's own prompt; `model` to the run's teacher weights. Also returns
+    `shortened` (rows whose block was cut) and `prompt_len` (teacher prompt tokens) per row.
+    """
+    a, r = run.args, batch.rollout
+    problems = problems if problems is not None else [e.prompt for e in batch.examples]
+    ids, mask, shortened = teacher_inputs(run.tokenizer, problems, blocks, max_prompt_tokens, run.d.device,
+                                          a.enable_thinking)
+    with run.d.autocast():
+        out = score_completions(model if model is not None else run.teacher_model, ids, mask, r.completion_ids,
+                                r.completion_mask, a.temperature, a.logprob_chunk, a.micro_batch_rows,
+                                gather_index=gather_index, **stats)
+    out["shortened"] = shortened.float()
+    out["prompt_len"] = mask.sum(-1).float()
+    return out
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
+    """phi <- (1 - rate) phi + rate theta, parameter by parameter (shard by shard under FSDP2)."""
+    for phi, theta in zip(teacher.parameters(), student.parameters()):
+        phi.lerp_(theta.detach(), rate)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from common.data import Example
+from common.example import Example
 from common.teacher import teacher_prompt
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-base"

@@ -69,3 +69,14 @@ class Tracker:
     def finish(self) -> None:
         if self.enabled and self.wandb is not None:
             self.wandb.finish()
+
+
+warned: set[str] = set()
+"""Keys of the one-time notes printed so far in this process."""
+
+
+def warn_once(key: str, message: str) -> None:
+    """Print `message` the first time `key` is seen in this process (a note, not an error)."""
+    if key not in warned:
+        warned.add(key)
+        print(message, flush=True)

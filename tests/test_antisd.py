@@ -6,16 +6,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import tyro
 
 import antisd
 import grpo
 import sd
 from common import tracking
-from common.data import Example
+from common.example import Example
 from common.dist import Dist
 from common.logprobs import naive_token_stats
-from common.rollout import generate, render_prompts
-from common.teacher import teacher_prompt
+from common.prompts import render_prompts
+from common.rollout import generate
+from common.teacher import score_teacher, teacher_prompt
 from common.verifiers import Verdict
 from test_sd import PROBLEMS, run_script
 
@@ -135,9 +137,10 @@ def test_teacher_entropy_chunked_equals_full_softmax(policy, tokenizer):
     r = generate(policy, tokenizer, render_prompts(tokenizer, PROBLEMS), 2, 12, temperature=1.0)
     examples = [Example(p, "0") for p in PROBLEMS for _ in range(2)]
     blocks = [f"The correct final answer is: {i}" * (1 + i % 3) for i in range(6)]
-    run = SimpleNamespace(policy=policy, tokenizer=tokenizer, d=Dist())
     args = antisd.Args(temperature=0.7, logprob_chunk=5, micro_batch_rows=4)
-    out = sd.score_teacher(run, args, SimpleNamespace(rollout=r, examples=examples), blocks, with_entropy=True)
+    run = SimpleNamespace(args=args, policy=policy, teacher_model=policy, tokenizer=tokenizer, d=Dist())
+    out = score_teacher(run, SimpleNamespace(rollout=r, examples=examples), blocks, args.max_teacher_prompt_tokens,
+                        with_entropy=True)
     for i in range(6):  # one unpadded full-vocabulary forward per row
         p = tokenizer(render_prompts(tokenizer, [teacher_prompt(examples[i].prompt, blocks[i])])[0],
                       add_special_tokens=False).input_ids
@@ -148,10 +151,11 @@ def test_teacher_entropy_chunked_equals_full_softmax(policy, tokenizer):
     assert (out["entropy"][~r.completion_mask.bool()] == 0).all()
 
 
-def test_rejects_logit_mode_and_other_teachers():
-    for bad in (antisd.Args(sd_loss="logit"), antisd.Args(teacher="ema")):
-        with pytest.raises(ValueError, match="token mode, current weights"):
-            antisd.main(bad)
+def test_has_no_logit_mode_and_no_other_teachers():
+    """AntiSD folds its credit into the advantage with the current policy as teacher: the flags do not exist."""
+    for flags in (["--sd-loss", "logit"], ["--teacher", "ema"], ["--lam", "0.5"]):
+        with pytest.raises(SystemExit):
+            tyro.cli(antisd.Args, args=flags)
 
 
 def strip_perf(rows):

@@ -8,11 +8,13 @@ import tyro
 import credit
 import grpo
 import sd
-from common.data import Example
+from common.example import Example
+from common.batch import Batch, score_rollout
 from common.dist import Dist
 from common.logprobs import score_completions
-from common.rollout import generate, render_prompts
-from common.teacher import teacher_prompt
+from common.prompts import render_prompts
+from common.rollout import generate
+from common.teacher import score_teacher, teacher_prompt
 from common.verifiers import Verdict
 from test_sd import run_script
 
@@ -27,14 +29,14 @@ def toy_batch(policy, tokenizer, seed=0):
     r = generate(policy, tokenizer, render_prompts(tokenizer, PROBLEMS), G, 12)
     examples = [Example(p, str(i)) for i, p in enumerate(PROBLEMS) for _ in range(G)]
     verdicts = [Verdict(float(i % 2), bool(i % 2), "") for i in range(len(examples))]
-    batch = grpo.Batch(r, examples, verdicts, torch.tensor([v.reward for v in verdicts]), len(PROBLEMS))
-    blocks = [sd.privileged_block(e, v, "answer", True) for e, v in zip(examples, verdicts)]
+    batch = Batch(r, examples, verdicts, torch.tensor([v.reward for v in verdicts]), len(PROBLEMS))
+    blocks = [credit.privileged_block(e, v, "answer", True) for e, v in zip(examples, verdicts)]
     return batch, blocks
 
 
-def fake_run(policy, tokenizer):
-    """The fields of a Run that teacher scoring reads."""
-    return SimpleNamespace(tokenizer=tokenizer, d=Dist(), policy=policy, teacher=None)
+def fake_run(policy, tokenizer, args):
+    """The fields of a Run that rollout and teacher scoring read."""
+    return SimpleNamespace(args=args, tokenizer=tokenizer, d=Dist(), policy=policy, teacher_model=policy)
 
 
 def test_partners_are_a_seeded_derangement_over_groups():
@@ -60,8 +62,8 @@ def test_one_prompt_per_rank_fails_clearly(tmp_path):
     args = tyro.cli(credit.Args, args=["--num-prompts", "1", "--output-dir", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="raise --num-prompts"):
         credit.main(args)
-    with pytest.raises(ValueError, match="--sd-loss logit"):
-        credit.main(tyro.cli(credit.Args, args=["--sd-loss", "logit", "--output-dir", str(tmp_path / "r")]))
+    with pytest.raises(SystemExit):  # the contrast is a credit, not a divergence target: there is no logit mode
+        tyro.cli(credit.Args, args=["--sd-loss", "logit", "--output-dir", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()  # nothing written
 
 
@@ -84,9 +86,9 @@ def test_k_partners_average_in_log_space():
 def test_own_prompt_as_partner_cancels_teacher_at_alpha_one(policy, tokenizer):
     batch, blocks = toy_batch(policy, tokenizer)
     args = credit.Args(group_size=G, micro_batch_rows=4, logprob_chunk=7)  # micro-batches mix rows differently per pass
-    run = fake_run(policy, tokenizer)
-    old, _ = grpo.score_old_and_ref(run, args, batch)
-    teacher = sd.score_teacher(run, args, batch, blocks)
+    run = fake_run(policy, tokenizer, args)
+    old = score_rollout(run, batch, with_entropy=True)
+    teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens)
     own = torch.arange(len(PROBLEMS)).repeat_interleave(G)[:, None].repeat(1, 2)
     contrast = credit.score_with_problems(run, args, batch, blocks, own)["logprobs"]
     mask = batch.rollout.completion_mask.float()
@@ -99,10 +101,10 @@ def test_own_prompt_as_partner_cancels_teacher_at_alpha_one(policy, tokenizer):
 def test_naive_per_row_per_partner_loop_matches_batched_credit(policy, tokenizer):
     batch, blocks = toy_batch(policy, tokenizer, seed=3)
     args = credit.Args(group_size=G, micro_batch_rows=5, logprob_chunk=6, num_contrast=2)
-    run = fake_run(policy, tokenizer)
+    run = fake_run(policy, tokenizer, args)
     partners = credit.contrast_partners(len(PROBLEMS), G, 2, (1, 0, 0))
-    old, _ = grpo.score_old_and_ref(run, args, batch)
-    teacher = sd.score_teacher(run, args, batch, blocks)
+    old = score_rollout(run, batch, with_entropy=True)
+    teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens)
     r, mask = batch.rollout, batch.rollout.completion_mask.float()
     got = credit.contrastive_credit(teacher["logprobs"], credit.score_with_problems(run, args, batch, blocks, partners)["logprobs"],
                                     old["logprobs"], 0.5, mask)
@@ -149,11 +151,11 @@ def test_main_and_contrast_passes_in_one_call_match_separate_calls(policy, token
     """alpha > 0 scores t(x_i, z_i) and the K contrasts in one call: same values as sd.py's pass, up to padding."""
     batch, blocks = toy_batch(policy, tokenizer, seed=5)
     args = credit.Args(group_size=G, micro_batch_rows=4, num_contrast=2)
-    run = fake_run(policy, tokenizer)
+    run = fake_run(policy, tokenizer, args)
     partners = credit.contrast_partners(len(PROBLEMS), G, 2, (1, 0, 2))
     own = torch.arange(len(PROBLEMS)).repeat_interleave(G)[:, None]
     merged = credit.score_with_problems(run, args, batch, blocks, torch.cat([own, partners], 1))
-    alone = sd.score_teacher(run, args, batch, blocks)
+    alone = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens)
     mask = batch.rollout.completion_mask.float()
     torch.testing.assert_close(merged["logprobs"][0] * mask, alone["logprobs"], atol=1e-5, rtol=0)
     torch.testing.assert_close(merged["logprobs"][1:], credit.score_with_problems(run, args, batch, blocks, partners)["logprobs"],

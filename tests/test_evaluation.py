@@ -6,7 +6,8 @@ from common import toy
 from common.dist import Dist
 from common.evaluation import evaluate
 from common.models import load_policy, load_tokenizer
-from common.rollout import generate, render_prompts
+from common.prompts import render_prompts
+from common.rollout import generate
 from common.verifiers import verify
 
 

@@ -81,18 +81,3 @@ def test_presets_set_fields():
     a = apply_preset(Args(preset="dapo"))
     assert (a.loss_agg, a.eps_high, a.dynamic_sampling) == ("token", 0.28, True)
     assert apply_preset(Args()).loss_agg == "token" and set(PRESETS) == {"grpo", "dr-grpo", "dapo"}
-
-
-def test_old_logprobs_from_the_update_need_one_epoch_and_one_minibatch():
-    """With more epochs or minibatches the policy moves inside the update: pi_old must be a separate pass."""
-    from types import SimpleNamespace
-
-    import grpo
-    from common.dist import Dist
-
-    rollout = SimpleNamespace(input_ids=torch.zeros(4, 6, dtype=torch.long), attention_mask=torch.ones(4, 6),
-                              completion_mask=torch.ones(4, 3))
-    for flags in ({"ppo_epochs": 2}, {"num_minibatches": 2}):
-        with pytest.raises(ValueError, match="one epoch and one minibatch"):
-            grpo.ppo_update(SimpleNamespace(d=Dist()), Args(**flags), SimpleNamespace(rollout=rollout),
-                            torch.zeros(4, 3), None, None, 0)

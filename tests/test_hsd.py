@@ -9,7 +9,8 @@ import tyro
 import grpo
 import hsd
 import sd
-from common.data import Example
+from common import batch as batch_module
+from common.example import Example
 from common.verifiers import Verdict
 
 OK, BAD = Verdict(1.0, True, ""), Verdict(0.0, False, "")
@@ -117,13 +118,15 @@ def coin_verify(example, completion):
 @pytest.fixture()
 def captured(monkeypatch):
     """Record what hsd.main hands to the teacher and to the update, and verify with `coin_verify`."""
-    calls = {"teacher": [], "update": []}
-    score, update = sd.score_teacher, grpo.ppo_update
-    monkeypatch.setattr(grpo, "verify", coin_verify)
-    monkeypatch.setattr(sd, "score_teacher", lambda run, args, batch, blocks, **kw:
-                        calls["teacher"].append((batch, blocks)) or score(run, args, batch, blocks, **kw))
-    monkeypatch.setattr(grpo, "ppo_update", lambda run, args, batch, adv, old, ref, step, extra=None:
-                        calls["update"].append((batch, adv, extra)) or update(run, args, batch, adv, old, ref, step, extra))
+    calls = {"teacher": [], "update": [], "advantages": []}
+    score, update, loss = hsd.score_teacher, hsd.optimize, hsd.policy_loss
+    monkeypatch.setattr(batch_module, "verify", coin_verify)
+    monkeypatch.setattr(hsd, "score_teacher", lambda run, batch, blocks, *a, **kw:
+                        calls["teacher"].append((batch, blocks)) or score(run, batch, blocks, *a, **kw))
+    monkeypatch.setattr(hsd, "optimize", lambda run, batch, loss_fn, step, **kw:
+                        calls["update"].append((batch, kw.get("token_masks"))) or update(run, batch, loss_fn, step, **kw))
+    monkeypatch.setattr(hsd, "policy_loss", lambda mb, args, adv, *a:
+                        calls["advantages"].append(adv) or loss(mb, args, adv, *a))
     return calls
 
 
@@ -156,16 +159,17 @@ def test_token_mode_runs_with_peer_contexts_and_all_metrics(tiny_model_dir, tmp_
 
 def test_skip_leaves_successful_rows_out_of_sd(tiny_model_dir, tmp_path, captured):
     rows = run_script(tiny_model_dir, tmp_path / "t", "--on-success", "skip", "--total-steps", "1")
-    batch, adv, extra = captured["update"][0]
+    (batch, token_masks), adv = captured["update"][0], captured["advantages"][0]
     correct = torch.tensor([v.correct for v in batch.verdicts])
     a = grpo.group_advantages(batch.rewards, 4, "group")
-    assert 0 < correct.sum() < len(correct) and extra is None
+    assert 0 < correct.sum() < len(correct) and token_masks is None
     assert torch.equal(adv[correct], a[correct][:, None].expand(-1, adv.shape[1]))  # exactly A_i
     assert not torch.equal(adv[~correct], a[~correct][:, None].expand(-1, adv.shape[1]))  # failed rows get credit
     assert rows[0]["sd/frac_rows_distilled"] == pytest.approx(1 - correct.float().mean().item())
 
     rows = run_script(tiny_model_dir, tmp_path / "l", "--on-success", "skip", "--sd-loss", "logit", "--topk", "8")
     assert all(k in r for r in rows for k in HSD_KEYS) and rows[0]["loss/distill"] > 0
-    for batch, adv, extra in captured["update"][1:]:
+    for batch, token_masks in captured["update"][1:]:
         correct, mask = torch.tensor([v.correct for v in batch.verdicts]), batch.rollout.completion_mask.float()
-        assert (extra.mask[correct] == 0).all() and torch.equal(extra.mask[~correct], mask[~correct])
+        distill = token_masks["distill"]
+        assert (distill[correct] == 0).all() and torch.equal(distill[~correct], mask[~correct])

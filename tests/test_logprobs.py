@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from common.logprobs import log1mexp, naive_token_stats, score_completions, token_stats
-from common.rollout import tokenize_left
+from common.prompts import tokenize_left
 
 
 def make(B=3, T=5, H=16, V=37, dtype=torch.float32, seed=0):

@@ -30,7 +30,8 @@ import real_model
 from common.data import load_local
 from common.logprobs import score_completions
 from common.models import Policy, load_policy, load_tokenizer
-from common.rollout import generate, render_prompts
+from common.prompts import render_prompts
+from common.rollout import generate
 from common.teacher import TEACHER_INSTRUCTION, teacher_inputs, teacher_prompt
 from common.verifiers import verify
 

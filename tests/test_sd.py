@@ -8,9 +8,11 @@ import tyro
 
 import grpo
 import sd
-from common.data import Example
+from common import tracking
+from common.example import Example
 from common.logprobs import score_completions
-from common.rollout import generate, render_prompts, tokenize_left
+from common.prompts import render_prompts, tokenize_left
+from common.rollout import generate
 from common.teacher import teacher_inputs, teacher_prompt
 from common.verifiers import Verdict
 
@@ -110,7 +112,7 @@ def test_ema_update_math():
 
 
 def test_privileged_block_fallback_says_once(capsys):
-    sd._warned.clear()
+    tracking.warned.clear()
     ok, bad = Verdict(1.0, True, ""), Verdict(0.0, False, "")
     no_solution = Example("Compute 1+2.", "3", solution=None)
     assert sd.privileged_block(no_solution, ok, "solution", True) == \
@@ -167,7 +169,7 @@ def test_logit_mode_and_ema_resume(tiny_model_dir, tmp_path, monkeypatch):
     from common.run import setup
 
     args = sd.Args(model=str(tiny_model_dir), output_dir=str(tmp_path / "l"), resume=True, teacher="ema", total_steps=3)
-    run = setup(args, "sd", with_teacher=True)
+    run = setup(args, "sd", teacher_weights="ema")
     assert run.start_step == 3
     torch.testing.assert_close(run.teacher.lm.model.layers[0].mlp.up_proj.weight, teacher_w)
     assert checkpoint.find(tmp_path / "l") is not None

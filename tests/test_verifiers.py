@@ -5,7 +5,7 @@ import time
 import pytest
 
 from common import verifiers
-from common.data import Example
+from common.example import Example
 from common.verifiers import Verdict, extract_code, math_verify, toy_verify, verify
 
 # (gold answer, completion, expected correct), each checked by hand.
