@@ -405,7 +405,7 @@ def main(args: Args) -> None:
 
         # 7. Clipped-surrogate update (+ distillation), then the EMA teacher follows.
         metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask} if logit else None,
-                            stat_masks={"loss/distill": "distill"}, gather_index=old.get("topk_index") if logit else None)
+                            stat_masks={"loss/distill": "distill"}, row_inputs={"gather_index": old["topk_index"]} if logit else None)
         if args.teacher == "ema":
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()

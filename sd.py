@@ -24,6 +24,8 @@ Choices (ALGORITHMS.md §2, marked [choice] there):
   step.` in the student's chat template; a too-long privileged block is cut from its middle.
 - Logit mode takes the top-k indices from the rollout policy's distribution (the old-policy pass), so
   the teacher is scored once per step; with one update per batch that is the current student's top-k.
+  `--topk-from teacher` takes the teacher's own top-k instead (CREDIT's SDPO baseline: credit.py at
+  `--contrast-weight 0`).
 
 The GRPO frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, and `--beta`
 (the k3 KL to the frozen initial model, logged as `loss/kl`; an `initial` teacher doubles as that
@@ -94,7 +96,9 @@ class Args(TrainArgs):
     jsd_alpha: float = 0.5
     """Logit mode: generalized JSD mixture weight (0 forward KL(T||S), 1 reverse KL(S||T))."""
     topk: int = 100
-    """Logit mode: distil over the student's top-k tokens plus one tail bucket."""
+    """Logit mode: distil over k tokens plus one tail bucket."""
+    topk_from: Literal["student", "teacher"] = "student"
+    """Logit mode: take the k tokens from the student's distribution (SDPO) or the teacher's (CREDIT's SDPO baseline)."""
     is_clip: float = 2.0
     """Logit mode: clip of the detached importance weight exp(s - s_old)."""
 
@@ -263,16 +267,20 @@ def main(args: Args) -> None:
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
-        # 2. Old-policy log-probs s_old (logit mode: also the top-k indices to distil over), reference log-probs.
-        old = score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
+        # 2. Old-policy log-probs s_old (logit mode: also the student's top-k to distil over), reference log-probs.
+        teacher_topk = logit and args.topk_from == "teacher"
+        old = score_rollout(run, batch, with_entropy=True, topk=args.topk if logit and not teacher_topk else 0)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
         # 3. Teacher context c_i: reference solution (or answer) + feedback on the attempt.
         blocks = [privileged_block(e, v, args.privileged, args.feedback) for e, v in zip(batch.examples, batch.verdicts)]
 
-        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t).
-        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"))
+        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t) (logit mode: also its
+        #    log-probs at the student's top-k, or at its own top-k, + the tail bucket).
+        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
+                                topk=args.topk if teacher_topk else 0, gather_topk=teacher_topk)
+        distill_index = (teacher if teacher_topk else old).get("topk_index")
         t_teach = time.perf_counter()
 
         # 5. Credit u = t - s_old; token advantage A_t = A_i + lam * u (token mode) or a distillation loss.
@@ -292,7 +300,7 @@ def main(args: Args) -> None:
 
         # 6. Clipped-surrogate update (+ distillation), then the EMA teacher follows.
         metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": mask} if logit else None,
-                            stat_masks={"loss/distill": "distill"}, gather_index=old.get("topk_index") if logit else None)
+                            stat_masks={"loss/distill": "distill"}, row_inputs={"gather_index": distill_index} if logit else None)
         if args.teacher == "ema":
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()

@@ -5,9 +5,14 @@ H = logsumexp(z) - sum softmax(z) * z, each computed one chunk of token position
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+PairedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(this model's logits [N, V] / tau, a second model's logits [N, V] / tau, detached) -> a value per position [N]."""
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -17,7 +22,8 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float,
-                 with_entropy: bool, topk: int, gather_index: torch.Tensor | None):
+                 with_entropy: bool, topk: int, gather_index: torch.Tensor | None, gather_topk: bool,
+                 paired_hidden: torch.Tensor | None, paired_head: torch.nn.Module | None, paired_fn: PairedFn | None):
     """Stats of one chunk of positions: hidden [N, H] -> logits [N, V] (fp32) -> per-token values."""
     logits = head(hidden).float() / temperature
     lse = torch.logsumexp(logits, dim=-1)
@@ -25,37 +31,50 @@ def _chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Ten
     if with_entropy:
         out.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
     if topk:
-        out.append(logits.detach().topk(topk, dim=-1).indices)
+        top = logits.detach().topk(topk, dim=-1).indices
+        out.append(top)
+        gather_index = top if gather_topk else gather_index
     if gather_index is not None:
         picked = logits.gather(-1, gather_index) - lse[:, None]
         tail = log1mexp(torch.logsumexp(picked, dim=-1))  # log(1 - sum_topk p): the tail bucket
         out.append(torch.cat([picked, tail[:, None]], dim=-1))
+    if paired_fn is not None:
+        with torch.no_grad():  # the second model (a teacher) never receives gradients
+            other = paired_head(paired_hidden).float() / temperature
+        out.append(paired_fn(logits, other))
     return tuple(out)
 
 
 def token_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float = 1.0,
                 chunk_size: int = 1024, with_entropy: bool = False, topk: int = 0,
-                gather_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                gather_index: torch.Tensor | None = None, gather_topk: bool = False,
+                paired_hidden: torch.Tensor | None = None, paired_head: torch.nn.Module | None = None,
+                paired_fn: PairedFn | None = None) -> dict[str, torch.Tensor]:
     """Per-position log-prob of `targets`, optional entropy / top-k indices / log-probs at `gather_index`.
 
-    hidden [B, T, H] are the states that predict targets [B, T]; `gather_index` [B, T, k] yields
-    `gathered` [B, T, k+1] (k log-probs and the tail log(1 - sum p)). Under grad, each chunk's logits
-    are recomputed in backward (activation checkpointing) so only one chunk of logits is alive.
+    hidden [B, T, H] are the states that predict targets [B, T]; `gather_index` [B, T, k] (or, with
+    `gather_topk`, each position's own top-k) yields `gathered` [B, T, k+1] (k log-probs and the tail
+    log(1 - sum p)). `paired_fn` gets this model's full-vocabulary logits and a second model's,
+    `paired_head(paired_hidden)` [B, T, H] (no grad), one chunk at a time, and yields `paired` [B, T].
+    Under grad, each chunk's logits are recomputed in backward (activation checkpointing) so only one
+    chunk of logits is alive.
     """
     B, T, H = hidden.shape
     flat_h, flat_t = hidden.reshape(B * T, H), targets.reshape(B * T)
     flat_g = gather_index.reshape(B * T, -1) if gather_index is not None else None
+    flat_p = paired_hidden.reshape(B * T, -1) if paired_hidden is not None else None
     pieces = []
     for i in range(0, B * T, chunk_size):
         args = (flat_h[i:i + chunk_size], head, flat_t[i:i + chunk_size], temperature, with_entropy, topk,
-                flat_g[i:i + chunk_size] if flat_g is not None else None)
+                flat_g[i:i + chunk_size] if flat_g is not None else None, gather_topk,
+                flat_p[i:i + chunk_size] if flat_p is not None else None, paired_head, paired_fn)
         if torch.is_grad_enabled() and flat_h.requires_grad:
             pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_stats(*args))
     cols = [torch.cat(p, dim=0) for p in zip(*pieces)]
     names = ["logprobs"] + ["entropy"] * with_entropy + ["topk_index"] * bool(topk) + \
-        ["gathered"] * (gather_index is not None)
+        ["gathered"] * (gather_index is not None or (gather_topk and bool(topk))) + ["paired"] * (paired_fn is not None)
     return {n: c.reshape(B, T, *c.shape[1:]) for n, c in zip(names, cols)}
 
 

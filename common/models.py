@@ -24,11 +24,14 @@ class Policy(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
                 temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False, topk: int = 0,
-                gather_index: torch.Tensor | None = None, group_size: int = 1) -> dict[str, torch.Tensor]:
+                gather_index: torch.Tensor | None = None, group_size: int = 1, return_hidden: bool = False,
+                **paired) -> dict[str, torch.Tensor]:
         """Stats for the last `completion_len` tokens of `input_ids` (left-padded prompt + completion).
 
         With `group_size` G > 1 and every block of G consecutive rows holding the same prompt (a GRPO
         group), each prompt runs once and its keys/values are repeated for the G completions.
+        `return_hidden` adds the detached final hidden states of those positions (`hidden` [B, T, H]);
+        `paired` holds token_stats' `gather_topk` / `paired_*` arguments.
         """
         # Position ids from the mask, as generate() does, so a left-padded row scores like an unpadded one.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -38,8 +41,11 @@ class Policy(nn.Module):
         else:
             hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    use_cache=False).last_hidden_state[:, -T - 1:-1]
-        return token_stats(hidden, self.lm.lm_head, input_ids[:, -T:], temperature, chunk_size,
-                           with_entropy, topk, gather_index)
+        out = token_stats(hidden, self.lm.lm_head, input_ids[:, -T:], temperature, chunk_size, with_entropy, topk,
+                          gather_index, **paired)
+        if return_hidden:
+            out["hidden"] = hidden.detach()
+        return out
 
     def shares_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int, G: int) -> bool:
         """Whether blocks of G rows share their prompt, and prefix sharing is safe for this module."""

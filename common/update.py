@@ -36,13 +36,15 @@ LossFn = Callable[[MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def optimize(run, batch, loss_fn: LossFn, step: int, token_masks: dict[str, torch.Tensor] | None = None,
-             stat_masks: dict[str, str] | None = None, gather_index: torch.Tensor | None = None,
-             entropy_out: torch.Tensor | None = None) -> dict[str, float]:
+             stat_masks: dict[str, str] | None = None, row_inputs: dict[str, torch.Tensor] | None = None,
+             forward_kwargs: dict | None = None, entropy_out: torch.Tensor | None = None) -> dict[str, float]:
     """`--ppo-epochs` x `--num-minibatches` optimizer steps of `loss_fn` over the batch; returns averaged stats.
 
     token_masks: extra [B, T] masks (name -> mask) whose minibatch token counts `MicroBatch.tokens` carries.
     stat_masks: logged key -> the token mask whose token count averages it (default `completion`).
-    gather_index: [B, T, k] vocabulary indices whose log-probs the forward returns as `gathered`.
+    row_inputs: [B, ...] tensors for the policy's forward, sliced to each micro-batch's rows (e.g.
+        `gather_index` [B, T, k]: vocabulary indices whose log-probs it returns as `gathered`).
+    forward_kwargs: further arguments of the policy's forward, the same for every micro-batch.
     entropy_out: a [B, T] buffer that receives the policy's per-token entropy (detached, masked).
     """
     a, r, device = run.args, batch.rollout, run.d.device
@@ -67,7 +69,7 @@ def optimize(run, batch, loss_fn: LossFn, step: int, token_masks: dict[str, torc
                 with run.d.autocast():
                     out = run.policy(ids[rows_d], attn[rows_d], T, a.temperature, a.logprob_chunk,
                                      with_entropy=entropy_out is not None, group_size=a.group_size,
-                                     gather_index=gather_index[rows_d] if gather_index is not None else None)
+                                     **{k: v[rows_d] for k, v in (row_inputs or {}).items()}, **(forward_kwargs or {}))
                 if entropy_out is not None:
                     entropy_out[rows_d] = out["entropy"].detach() * mask[rows_d]
                 loss, stats = loss_fn(MicroBatch(rows_d, out, mask[rows_d], len(minibatch), tokens))

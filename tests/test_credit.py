@@ -1,5 +1,7 @@
-"""credit.py: alpha=0 == sd.py, cancellation with self-partners, the derangement, K-averaging, naive loop."""
+"""credit.py: lam=0 == sd.py in both forms, the target Q vs a naive vocabulary loop, self-partners, the derangement."""
 from types import SimpleNamespace
+
+import math
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import sd
 from common.example import Example
 from common.batch import Batch, score_rollout
 from common.dist import Dist
-from common.logprobs import score_completions
+from common.logprobs import score_completions, token_stats
 from common.prompts import render_prompts
 from common.rollout import generate
 from common.teacher import score_teacher, teacher_prompt
@@ -62,8 +64,6 @@ def test_one_prompt_per_rank_fails_clearly(tmp_path):
     args = tyro.cli(credit.Args, args=["--num-prompts", "1", "--output-dir", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="raise --num-prompts"):
         credit.main(args)
-    with pytest.raises(SystemExit):  # the contrast is a credit, not a divergence target: there is no logit mode
-        tyro.cli(credit.Args, args=["--sd-loss", "logit", "--output-dir", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()  # nothing written
 
 
@@ -83,7 +83,7 @@ def test_k_partners_average_in_log_space():
 
 
 @torch.no_grad()
-def test_own_prompt_as_partner_cancels_teacher_at_alpha_one(policy, tokenizer):
+def test_own_prompt_as_partner_cancels_teacher_at_weight_one(policy, tokenizer):
     batch, blocks = toy_batch(policy, tokenizer)
     args = credit.Args(group_size=G, micro_batch_rows=4, logprob_chunk=7)  # micro-batches mix rows differently per pass
     run = fake_run(policy, tokenizer, args)
@@ -127,9 +127,12 @@ def test_naive_per_row_per_partner_loop_matches_batched_credit(policy, tokenizer
         assert (got[i, len(y):] == 0).all()
 
 
-def test_alpha_zero_reproduces_sd(tiny_model_dir, tmp_path):
+TOKEN_FORM = ["--sd-loss", "token", "--grpo-coef", "1", "--teacher", "current"]
+
+
+def test_weight_zero_reproduces_sd_in_the_grpo_frame(tiny_model_dir, tmp_path):
     s = run_script(sd, tiny_model_dir, tmp_path / "s", "--sd-loss", "token")
-    c = run_script(credit, tiny_model_dir, tmp_path / "c", "--alpha", "0", "--num-contrast", "2")
+    c = run_script(credit, tiny_model_dir, tmp_path / "c", *TOKEN_FORM, "--contrast-weight", "0", "--num-contrast", "2")
     assert len(s) == len(c) == 3
     for a, b in zip(s, c):
         shared = [k for k in a if not k.startswith("perf/")]
@@ -139,16 +142,74 @@ def test_alpha_zero_reproduces_sd(tiny_model_dir, tmp_path):
         assert -1 <= b["credit/corr_teacher_contrast"] <= 1
 
 
-def test_alpha_half_runs_and_flips_some_signs(tiny_model_dir, tmp_path):
-    rows = run_script(credit, tiny_model_dir, tmp_path / "c", "--total-steps", "1", "--eval-every", "0")
+def test_weight_zero_reproduces_sdpo_distillation(tiny_model_dir, tmp_path):
+    """The paper's recipe at lam = 0 is SDPO's loss: sd.py's logit mode on the teacher's top-k, reverse KL, EMA 0.01."""
+    s = run_script(sd, tiny_model_dir, tmp_path / "s", "--sd-loss", "logit", "--topk-from", "teacher", "--jsd-alpha", "1",
+                   "--topk", "20", "--grpo-coef", "0", "--teacher", "ema", "--ema-rate", "0.01")
+    c = run_script(credit, tiny_model_dir, tmp_path / "c", "--contrast-weight", "0")
+    assert len(s) == len(c) == 3 and all(r["loss/distill"] > 0 for r in c)
+    for a, b in zip(s, c):
+        shared = [k for k in a if not k.startswith("perf/")]
+        assert {k: a[k] for k in shared} == {k: b[k] for k in shared}
+    # The contrast moves the target: the same first rollout, a different update.
+    moved = run_script(credit, tiny_model_dir, tmp_path / "m")
+    assert moved[0]["reward/mean"] == c[0]["reward/mean"] and moved[0]["loss/distill"] != c[0]["loss/distill"]
+    assert moved[0]["credit/contrast_mean"] < 0
+
+
+def test_token_form_runs_and_flips_some_signs(tiny_model_dir, tmp_path):
+    rows = run_script(credit, tiny_model_dir, tmp_path / "c", *TOKEN_FORM, "--contrast-weight", "0.5", "--total-steps", "1",
+                      "--eval-every", "0")
     m = rows[0]
     assert m["credit/contrast_mean"] < 0 and 0 < m["credit/sign_flip_frac"] < 1
     assert m["credit/input_specific_mean"] == pytest.approx(m["sd/teacher_logp_mean"] - m["credit/contrast_mean"], abs=1e-5)
 
 
+def naive_credit_loss(s_logits, t_logits, g_logits, k, weight):
+    """KL(S || Q) per position by explicit loops over the vocabulary: Q ∝ T exp(-lam G) on T's top-k + tail."""
+    out = torch.zeros(s_logits.shape[:2], dtype=torch.float64)
+    for b in range(s_logits.shape[0]):
+        for t in range(s_logits.shape[1]):
+            S, T = torch.softmax(s_logits[b, t].double(), -1), torch.softmax(t_logits[b, t].double(), -1)
+            Gs = [torch.softmax(g[b, t].double(), -1) for g in g_logits]
+            top = sorted(range(len(T)), key=lambda v: -T[v].item())[:k]
+            s_b, t_b = [S[v].item() for v in top], [T[v].item() for v in top]
+            s_b.append(1 - sum(s_b))
+            t_b.append(1 - sum(t_b))
+            g_log = [sum(math.log(G[v].item()) for G in Gs) / len(Gs) for v in top]
+            g_log.append(sum(math.log(1 - sum(G[v].item() for v in top)) for G in Gs) / len(Gs))
+            q = [math.exp(math.log(tj) - weight * gj) for tj, gj in zip(t_b, g_log)]
+            q = [x / sum(q) for x in q]
+            out[b, t] = sum(sj * (math.log(sj) - math.log(qj)) for sj, qj in zip(s_b, q))
+    return out
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1, 0.7])
+def test_contrastive_target_loss_matches_naive_vocabulary_loop(weight):
+    g = torch.Generator().manual_seed(1)
+    B, T, H, V, k, C = 2, 4, 8, 23, 5, 2
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    s_h, t_h = torch.randn(B, T, H, generator=g, requires_grad=True), torch.randn(B, T, H, generator=g)
+    g_h = [torch.randn(B, T, H, generator=g) for _ in range(C)]
+    y = torch.randint(0, V, (B, T), generator=g)
+    teacher = token_stats(t_h, head, y, 1.0, 3, topk=k, gather_topk=True)
+    contrast = torch.stack([token_stats(h, head, y, 1.0, 5, gather_index=teacher["topk_index"])["gathered"] for h in g_h])
+    student = token_stats(s_h, head, y, 1.0, 2, gather_index=teacher["topk_index"])["gathered"]
+    target = credit.contrastive_target(teacher["gathered"], contrast, weight)
+    loss = credit.generalized_jsd(student, target.detach(), 1.0)
+    with torch.no_grad():
+        want = naive_credit_loss(head(s_h), head(t_h), [head(h) for h in g_h], k, weight)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)  # fp32 against a float64 loop
+    assert torch.allclose(target.exp().sum(-1), torch.ones(B, T), atol=1e-5)  # Q is a distribution over k + 1 buckets
+    loss.sum().backward()
+    assert s_h.grad is not None and s_h.grad.abs().sum() > 0  # gradient reaches the student only
+
+
 @torch.no_grad()
 def test_main_and_contrast_passes_in_one_call_match_separate_calls(policy, tokenizer):
-    """alpha > 0 scores t(x_i, z_i) and the K contrasts in one call: same values as sd.py's pass, up to padding."""
+    """Token form, lam > 0: t(x_i, z_i) and the K contrasts in one call: same values as sd.py's pass, up to padding."""
     batch, blocks = toy_batch(policy, tokenizer, seed=5)
     args = credit.Args(group_size=G, micro_batch_rows=4, num_contrast=2)
     run = fake_run(policy, tokenizer, args)
