@@ -29,8 +29,11 @@ Choices (marked [choice] in ALGORITHMS.md §2.3) and their flags:
 - After warm-up the trigger starts at g = 1 and already applies to the first gated step's H.
 - `--gate-warmup-steps` is the paper's W (`--warmup-steps` is the learning-rate warm-up of every script).
 - `--no-gate`: g = 1 from step 0, no warm-up (H is still logged).
-- Peer: the first other correct row of the group (deterministic, no RNG). Without one, `--privileged`
-  picks the reference solution (default) or the answer only; `--no-feedback` drops the sentence.
+- Peer: sampled uniformly from the group's other correct rows ([paper]: "sampled from the rollout
+  group"; excluding the row itself is a choice), from a generator seeded by (seed, rank, step), never
+  the global RNG; `--peer first` takes the first one (the project's earlier choice). Without a correct
+  peer, `--privileged` picks the reference solution (default) or the answer only; `--no-feedback`
+  drops the sentence.
 - `--divergence revkl`: delta = -u (reverse-KL ascent) instead of JSD.
 - Teacher weights: the current policy (there is no `--teacher`); token mode only (no `--sd-loss`).
   `--lam-max` plays the part of sd.py's `--lam`.
@@ -111,6 +114,8 @@ class Args(TrainArgs):
     """Ascend the Jensen-Shannon divergence (delta = -phi(u)) or the reverse KL (delta = -u)."""
     h_warm_agg: Literal["pooled", "step-median"] = "pooled"
     """H_warm: median of all warm-up token entropies, or median of the warm-up step medians."""
+    peer: Literal["random", "first"] = "random"
+    """The verified solution: a correct other row of the group drawn uniformly (seeded), or the first one."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,13 +308,27 @@ class EntropyGate:
         self.counts, self.medians = state["counts"], list(state["medians"])
 
 
-def peer_rows(correct: list[bool], group_size: int) -> list[int | None]:
-    """For each row, the first other correct row of its group (never itself), else None."""
-    peers = []
-    for i in range(len(correct)):
-        start = i - i % group_size
-        peers.append(next((j for j in range(start, start + group_size) if j != i and correct[j]), None))
-    return peers
+# Same as hsd.py: choose_peers
+def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
+
+    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
+    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
+    """
+    G = group_size
+    ok = correct.view(-1, G)
+    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
+    if mode == "random":
+        key = torch.rand(candidates.shape, generator=generator)
+    elif mode == "first":
+        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
+    elif mode == "shortest":
+        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
+    else:
+        raise ValueError(f"unknown peer choice {mode!r}")
+    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
+    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
 def correctness_sentence(example: Example, verdict: Verdict) -> str:
@@ -361,8 +380,10 @@ def main(args: Args) -> None:
         t_score = time.perf_counter()
 
         # 3. Teacher context c_i: a correct peer of the group (else the solution), then correctness feedback.
-        peers = peer_rows([v.correct for v in batch.verdicts], args.group_size)
-        peer_texts = [batch.rollout.texts[p] if p is not None else None for p in peers]
+        correct = torch.tensor([v.correct for v in batch.verdicts])
+        generator = torch.Generator().manual_seed((args.seed + run.d.rank) * 1_000_003 + step)  # not the global RNG
+        peers = choose_peers(correct, args.group_size, args.peer, generator).tolist()
+        peer_texts = [batch.rollout.texts[p] if p >= 0 else None for p in peers]
         blocks = [privileged_block(e, v, text, args.privileged, args.feedback)
                   for e, v, text in zip(batch.examples, batch.verdicts, peer_texts)]
 
@@ -386,7 +407,7 @@ def main(args: Args) -> None:
 
         distilled = torch.full((mask.shape[0],), g * args.lam_max != 0, device=mask.device)
         metrics |= sd_metrics(credit, teacher, mask, distilled, t_teach - t_score)
-        has_peer = torch.tensor([p is not None for p in peers], device=mask.device)
+        has_peer = torch.tensor([p >= 0 for p in peers], device=mask.device)
         metrics |= antisd_metrics(delta, credit, token_advantages, mask, has_peer)
         metrics |= {"gate/entropy_median": h, "gate/on": g}
         if gate.h_warm is not None:  # known from the last warm-up step on

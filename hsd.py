@@ -1,65 +1,76 @@
 """Hindsight Self-Distillation (HSD): the self-teacher reads a successful peer rollout of the same group.
 
 Paper: Li, Hong, Lan 2026, "Localizing Credit at the Divergence: Path-Conditioned Self-Distillation
-for LLM Reasoning" (arXiv 2606.15576). Source status: only the abstract and secondary summaries were
-readable. From them [paper]: the teacher is conditioned on a successful peer rollout from the same group
-(its full text) plus the ground-truth answer, and falls back to the answer alone when no peer
-succeeded; the claim is that such a teacher puts its (negative) credit where the failed attempt left the
-successful path, while an answer-only teacher is nearly silent mid-trace. Everything else, the loss
-machinery included, is the project's choice and is sd.py's frame unchanged: only the context c differs.
+for LLM Reasoning" (arXiv 2606.15576). Source status: SECONDARY. The paper's text and code could not be
+read here; six summaries of its v1 PDF agree on what follows. See docs/hsd.md.
 
-    c_i = "A correct solution:\\n\\n{y_j}\\n\\nThe correct final answer is: {answer}"   j: a successful peer, j != i
-    c_i = "The correct final answer is: {answer}"                                   no peer in the group
-    u_t = log pi_T(y_t | x, c_i, y_<t) - log pi_old(y_t | x, y_<t)
-    token mode (default):  A_t = A_i + lam * u_t ;   logit mode:  L = L_GRPO + lam_sd * D_alpha(pS || pT)   (sd.py)
+Idea: an answer-only self-teacher knows where a failed attempt should end, not where it went wrong.
+Shown a successful attempt of the same group (and the answer), the teacher disagrees with the failed
+attempt from the token where it left the successful path: the credit concentrates at that divergence.
 
-Diagnostic [derived], logged every step for failed rows i with a peer j: the divergence index
-d = longest common token prefix of y_i and y_j (the first token where i left j's path), the share of
-negative credit mass within +-w tokens of d, sum_{|t-d|<=w} min(u_t, 0) / sum_t min(u_t, 0) (0 when a
-row has no negative credit), and the offset argmin_t u_t - d of the most negative credit token. Every
-`--diagnostics-every` steps the same rows are also scored by the answer-only teacher (one extra teacher
-pass), giving the `..._answer_only` figures: the paper's claim is that HSD's figures concentrate at d more.
-Metrics: hsd/{frac_rows_with_peer, frac_all_fail_groups, frac_rows_diagnosed, div_index_mean} and
-hsd/{credit_mass_near_div, argmin_offset_mean, argmin_abs_offset_mean}[_answer_only] (absent on a step
-without diagnosed rows; the signed offset can cancel, the absolute one measures concentration).
+    S_i = the other successful rows of row i's group;  o+ ~ Uniform(S_i)                  (peer, seeded)
+    c_i = "A correct solution:\n\n{o+}\n\nThe correct final answer is: {answer}"   (answer alone if S_i is empty)
+    J   = (1/G) sum_i (1/|o_i|) sum_t KL(S_t || T_t) + beta * KL(pi_theta || pi_0)      (Eq. 10, OPSD's loss)
+          S_t = pi_theta(. | x, o_<t), T_t = pi_theta(. | x, c_i, o_<t) stop-gradient, over the full vocabulary
 
-Choices (ALGORITHMS.md §2.4, marked [choice] there or here):
-- `--peer random` (default): uniform among the other successful rows of the group, which keeps the
-  peer an exact sample of the success-conditioned policy [derived]; drawn from a generator seeded by
-  (seed, rank, step), never the global RNG, so runs and resumes reproduce. `first` / `shortest` ablate it.
+The paper's recipe, the defaults here [secondary]: on-policy distillation only, no GRPO advantage
+(`--sd-loss kl --grpo-coef 0`), the per-token full-vocabulary KL between teacher and student, a small
+KL to the initial model (`--beta 0.001`; the summaries report that beta = 0 collapses), the teacher the
+same network with current weights (`--teacher current`), a uniformly drawn peer (`--peer random`) with
+the answer-only fallback, no correctness sentence (`--no-feedback`), G = 8, temperature 1. Its lr 1e-6,
+batch 128 and 1,500 steps are for 8B/32B models; on the toy task the shared defaults apply.
+
+Choices the sources leave open, made here:
+- KL direction (`--kl-direction`): Eq. 10 writes the teacher first but the summaries call the loss
+  "reverse KL", and OPSD's on-policy distillation samples from the student; reverse KL(S || T)
+  (mode-seeking, an expectation under the sampling policy) is the default, `forward` gives KL(T || S).
+  Both are computed exactly over the full vocabulary, one chunk of positions at a time: the teacher's
+  final hidden states are kept from its scoring pass and its LM head is applied inside the update's
+  chunked forward (no [B, T, V] tensor). With the current policy as teacher this needs one update per
+  batch (the head must not move under it): other settings are refused with a message.
+- Eq. 10's normalisation: each row's token mean, then the mean over rows (rows left out by
+  `--on-success skip` count as zero); the beta term is the k3 estimator on sampled tokens (grpo.py's).
+- Block wording and order: the peer's full decoded completion (special tokens skipped, nothing
+  stripped), then the answer, as the toy base was pre-trained to read; a teacher prompt over
+  `--max-teacher-prompt-tokens` is shortened in its middle.
 - `--on-success peer` (default): a successful row distils toward another success when one exists,
-  else toward the answer-only block; `answer`: always answer-only; `skip`: no SD credit or loss
-  (token mode: its advantage is A_i alone; logit mode: its rows leave the distillation loss).
-- `--feedback` (on by default, as sd.py): the block ends with feedback on the row's own attempt
-  (`Your previous attempt was correct/incorrect.`; a code verifier's message), for both teachers.
-- The peer's text is its decoded completion, special tokens skipped, nothing stripped; a teacher prompt
-  over `--max-teacher-prompt-tokens` has the block shortened from its middle (common/teacher.py).
-- `--div-window` (8) is the w of the diagnostic; `--diagnostics-every 0` turns the extra pass off.
-- Teacher weights, credit, loss and their defaults: sd.py's (`--teacher`, `--sd-loss`, `--lam`, ...).
+  else toward the answer alone; `answer`: always the answer alone; `skip`: no distillation.
+- `--peer random` draws from a generator seeded by (seed, rank, step), never the global RNG, so runs
+  and resumes reproduce; `first` / `shortest` are the paper's peer-choice ablations.
 
-The GRPO frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, and `--beta`
-(the k3 KL to the frozen initial model, logged as `loss/kl`; an `initial` teacher doubles as that
-reference). grpo.py's `--preset` and overlong shaping are not offered here; `--dynamic-sampling` is.
+Diagnostics [derived], the paper's localisation claim: for failed rows i with a peer j, the divergence
+index d = longest common token prefix of o_i and o_j, then (a) the share of the credit magnitude |u_t|
+(u = t - s_old, the sampled-token log-ratio) within +-w tokens of d (`hsd/abs_credit_near_div`; the
+paper reports about 55% for HSD and a flat answer-only teacher), (b) the share of negative credit there
+(`hsd/credit_mass_near_div`) and (c) where the most negative token sits (`hsd/argmin_..._offset_mean`).
+Every `--diagnostics-every` steps (default 10) the same rows are also scored by the answer-only teacher
+(one extra teacher pass) for the `..._answer_only` figures; other steps report the peer teacher only.
+
+The earlier project recipe, HSD's context in the GRPO frame (`--sd-loss token --grpo-coef 1 --feedback
+--beta 0`: A_t = A_i + lam * u_t), and sd.py's top-k JSD (`--sd-loss logit`) stay available; the GRPO
+frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, `--beta`.
 
 Run:
-    python hsd.py                                  # token mode on the toy task
-    python hsd.py --sd-loss logit --grpo-coef 0    # pure logit distillation toward the peer-conditioned teacher
-    torchrun --nproc_per_node 8 hsd.py --model Qwen/Qwen3-1.7B --dataset math --num-prompts 64 \\
-        --max-new-tokens 2048 --max-teacher-prompt-tokens 4096 --learning-rate 1e-6 --total-steps 200
+    python hsd.py                                  # the paper's recipe on the toy task
+    python hsd.py --sd-loss token --grpo-coef 1 --feedback --beta 0   # the GRPO frame
+    torchrun --nproc_per_node 8 hsd.py --model Qwen/Qwen3-8B --dataset math --num-prompts 16 --group-size 8 \
+        --max-new-tokens 4096 --max-teacher-prompt-tokens 8192 --learning-rate 1e-6 --total-steps 1500
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 import tyro
 
 from common.args import TrainArgs
 from common.batch import collect_batch, score_rollout
-from common.dist import all_reduce
+from common.dist import all_reduce, unsharded
 from common.example import Example
 from common.run import setup
 from common.teacher import ema_update, score_teacher
@@ -80,26 +91,28 @@ class Args(TrainArgs):
     """Lower clip range of the ratio."""
     eps_high: float = 0.28
     """Upper clip range of the ratio (DAPO clip-higher)."""
-    beta: float = 0.0
-    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
-    grpo_coef: float = 1.0
-    """Scale of the GRPO advantage (0 with --sd-loss logit: pure distillation)."""
+    beta: float = 0.001
+    """Weight of the k3 KL penalty to the frozen initial model (HSD: 0.001; 0 disables the reference model)."""
+    grpo_coef: float = 0.0
+    """Scale of the GRPO advantage (HSD has none; 1 with --sd-loss token gives the GRPO frame)."""
 
     # Self-distillation (sd.py)
     teacher: Literal["current", "ema", "initial"] = "current"
     """Teacher weights: the current policy, an EMA of it (SDPO), or the frozen initial model (OPSD)."""
     ema_rate: float = 0.05
     """EMA teacher update rate: phi <- (1 - rate) phi + rate theta after each step."""
-    feedback: bool = True
+    feedback: bool = False
     """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
-    sd_loss: Literal["token", "logit"] = "token"
-    """`token`: fold lam * u into the advantage; `logit`: add a top-k generalized-JSD distillation loss."""
+    sd_loss: Literal["kl", "token", "logit"] = "kl"
+    """`kl`: full-vocabulary per-token KL (the paper); `token`: fold lam * u into A_i; `logit`: sd.py's top-k JSD."""
+    kl_direction: Literal["reverse", "forward"] = "reverse"
+    """KL mode: reverse KL(student || teacher) or forward KL(teacher || student) per token."""
     lam: float = 0.5
     """Token mode: weight of the credit u in the token advantage (0 reproduces grpo.py)."""
     lam_sd: float = 1.0
-    """Logit mode: weight of the distillation loss."""
+    """KL and logit modes: weight of the distillation loss."""
     jsd_alpha: float = 0.5
     """Logit mode: generalized JSD mixture weight (0 forward KL(T||S), 1 reverse KL(S||T))."""
     topk: int = 100
@@ -112,7 +125,7 @@ class Args(TrainArgs):
     """Which successful peer of the group conditions the teacher: uniform at random, the first, the shortest."""
     on_success: Literal["peer", "answer", "skip"] = "peer"
     """Successful rows: distil toward another success (answer-only without one), the answer only, or not at all."""
-    diagnostics_every: int = 1
+    diagnostics_every: int = 10
     """Score with the answer-only teacher too every N steps, for the `_answer_only` diagnostics (0: never)."""
     div_window: int = 8
     """Diagnostic: credit mass counts as near the divergence index d within +- this many tokens."""
@@ -316,6 +329,29 @@ def argmin_offset(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor) -> t
     return delta.masked_fill(mask == 0, math.inf).argmin(-1) - d
 
 
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "reverse") -> torch.Tensor:
+    """Per-position full-vocabulary KL from logits / tau: reverse KL(S || T) or forward KL(T || S) (Eq. 10)."""
+    s, t = F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
+    if direction == "reverse":
+        return (s.exp() * (s - t)).sum(-1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def kl_loss(mb: MicroBatch, args: Args, distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lam_sd * (1/B) sum_i (1/|o_i|) sum_t KL_t over distilled rows (Eq. 10's first term); and its token sum."""
+    per_token = mb.out["paired"] * distill_mask[mb.rows]
+    per_row = per_token.sum(-1) / mb.mask.sum(-1).clamp(min=1)
+    return args.lam_sd * per_row.sum() / mb.num_rows, per_token.sum()
+
+
+def abs_credit_near(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor, window: int) -> torch.Tensor:
+    """Share of the credit magnitude within +-window of d: sum_{|t-d|<=w} |delta_t| / sum_t |delta_t|; 0 if none."""
+    magnitude = delta.abs() * mask
+    near = (torch.arange(delta.shape[-1], device=delta.device) - d[..., None]).abs() <= window
+    total = magnitude.sum(-1)
+    return torch.where(total > 0, (magnitude * near).sum(-1) / total, 0.0)
+
+
 def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids: torch.Tensor, mask: torch.Tensor,
                 credits: dict[str, torch.Tensor], window: int) -> dict[str, float]:
     """Peer coverage, then the divergence diagnostics over failed rows with a peer (left out when there are none)."""
@@ -338,19 +374,24 @@ def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids
     for suffix, credit in credits.items():
         offset = argmin_offset(credit, mask, d)
         out[f"hsd/credit_mass_near_div{suffix}"] = mean(credit_mass_near(credit, mask, d, window))
+        out[f"hsd/abs_credit_near_div{suffix}"] = mean(abs_credit_near(credit, mask, d, window))
         out[f"hsd/argmin_offset_mean{suffix}"] = mean(offset)
         out[f"hsd/argmin_abs_offset_mean{suffix}"] = mean(offset.abs())
     return out
 
 
 def main(args: Args) -> None:
+    one_update = args.ppo_epochs * args.num_minibatches == 1
+    if args.sd_loss == "kl" and args.teacher == "current" and not one_update:
+        raise ValueError("--sd-loss kl with --teacher current reads the teacher's LM head inside the update, so it needs "
+                         "one update per batch: drop --ppo-epochs/--num-minibatches, or use --teacher ema/initial")
     run = setup(args, "hsd", teacher_weights=args.teacher, reference=args.beta > 0)
-    logit = args.sd_loss == "logit"
+    logit, kl = args.sd_loss == "logit", args.sd_loss == "kl"
     for step in range(run.start_step, args.total_steps):
         t0 = time.perf_counter()
         metrics = run.evaluate_before(step)
 
-        # 1. Rollout and verify; GRPO group advantage A_i.
+        # 1. Rollout and verify; GRPO group advantage A_i (0 at the paper's --grpo-coef 0).
         batch = collect_batch(run)
         t_gen = time.perf_counter()
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
@@ -372,21 +413,27 @@ def main(args: Args) -> None:
         blocks = [privileged_block(e, v, texts[p] if p >= 0 else None, args.feedback)
                   for e, v, p in zip(batch.examples, batch.verdicts, peers.tolist())]
 
-        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t).
-        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"))
+        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t) (KL mode: also its final
+        #    hidden states, from which the update recomputes its full-vocabulary distribution chunk by chunk).
+        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
+                                return_hidden=kl)
         t_teach = time.perf_counter()
 
-        # 5. Credit u = t - s_old (0 on skipped rows); token advantage A_t = A_i + lam * u or a distillation loss.
+        # 5. Credit u = t - s_old (0 on skipped rows). KL mode: the per-token KL(S_t || T_t) loss of Eq. 10;
+        #    token mode: A_t = A_i + lam * u; logit mode: sd.py's top-k distillation loss.
         credit = token_credit(teacher["logprobs"], old["logprobs"], mask * distilled[:, None])
         distill_mask = mask * distilled[:, None].float()
-        if logit:
+        if kl or logit:
             token_advantages = advantages[:, None].expand_as(mask).contiguous()
         else:
             token_advantages = advantages[:, None] + args.lam * credit
 
         def loss_fn(mb: MicroBatch):
-            loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
-            if logit:
+            loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)  # + beta * KL(pi || pi_0)
+            if kl:
+                distill, stats["loss/distill"] = kl_loss(mb, args, distill_mask)
+                loss = loss + distill
+            elif logit:
                 distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], teacher["gathered"], distill_mask)
                 loss = loss + distill
             return loss, stats
@@ -403,9 +450,17 @@ def main(args: Args) -> None:
             metrics["perf/diagnostics_s"] = time.perf_counter() - t1
         t_diag = time.perf_counter()
 
-        # 7. Clipped-surrogate update (+ distillation), then the EMA teacher follows.
-        metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask} if logit else None,
-                            stat_masks={"loss/distill": "distill"}, row_inputs={"gather_index": old["topk_index"]} if logit else None)
+        # 7. Update (distillation + beta KL, + the surrogate if --grpo-coef > 0), then the EMA teacher follows.
+        if kl:
+            row_inputs = {"paired_hidden": teacher["hidden"]}
+            forward_kwargs = {"paired_head": run.teacher_model.lm.lm_head,
+                              "paired_fn": functools.partial(token_kl, direction=args.kl_direction)}
+        else:
+            row_inputs = {"gather_index": old["topk_index"]} if logit else None
+            forward_kwargs = None
+        with unsharded(run.teacher if kl else None):  # a separate teacher's head is used inside the policy's forward
+            metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask} if kl or logit else None,
+                                stat_masks={"loss/distill": "distill"}, row_inputs=row_inputs, forward_kwargs=forward_kwargs)
         if args.teacher == "ema":
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()

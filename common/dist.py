@@ -47,6 +47,20 @@ def init_dist() -> Dist:
     return Dist(int(os.environ.get("RANK", "0")), world_size, local_rank, device)
 
 
+@contextlib.contextmanager
+def unsharded(module: nn.Module | None):
+    """Under FSDP2, gather a module's root parameters (embeddings, final norm, LM head) so that they can be used
+    outside its own forward, e.g. a frozen teacher's head inside the policy's forward; a no-op otherwise."""
+    if module is None or not hasattr(module, "unshard"):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 def shard(policy: nn.Module, d: Dist) -> nn.Module:
     """FSDP2: one group per decoder layer, then the root; bf16 params with fp32 reduce on GPU."""
     if not d.sharded:

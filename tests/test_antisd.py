@@ -120,7 +120,8 @@ def test_gate_state_dict_round_trip_mid_warmup():
 
 
 def test_privileged_block_peer_then_fallback():
-    assert antisd.peer_rows([False, True, True, False, False, False, False, True], 4) == [1, 2, 1, 1, 7, 7, 7, None]
+    correct = torch.tensor([False, True, True, False, False, False, False, True])
+    assert antisd.choose_peers(correct, 4, "first").tolist() == [1, 2, 1, 1, 7, 7, 7, -1]
     ok, bad = Verdict(1.0, True, ""), Verdict(0.0, False, "")
     ex = Example("Compute 1+2.", "3", solution="1+2=3\nAnswer: 3")
     assert antisd.privileged_block(ex, bad, "peer text", "solution", True) == "peer text\n\nYour answer is incorrect."
@@ -193,3 +194,30 @@ def test_crash_then_resume_restores_gate(tiny_model_dir, tmp_path, monkeypatch):
     resumed = run_script(antisd, tiny_model_dir, tmp_path / "resumed", *flags, "--resume")
     assert strip_perf(resumed) == strip_perf(full)
     assert full[0]["gate/on"] == 0.0 and all(r["gate/h_warm"] == full[0]["gate/h_warm"] for r in full)
+
+
+def test_peer_is_drawn_from_the_other_correct_rows(tmp_path, monkeypatch):
+    """Each row's verified solution is another correct row of its group, drawn at random (seeded), not always the first."""
+    calls = []
+    score = antisd.score_teacher
+    monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, blocks, *a, **kw:
+                        calls.append((batch, blocks)) or score(run, batch, blocks, *a, **kw))
+    flags = ["--total-steps", "3", "--eval-every", "0", "--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "48",
+             "--sample-every", "0"]
+    run_script(antisd, "toy", tmp_path / "r", *flags)
+    not_first = 0
+    for batch, blocks in calls:
+        texts, G = batch.rollout.texts, 8
+        for i, block in enumerate(blocks):
+            group = range(i // G * G, i // G * G + G)
+            others = [j for j in group if j != i and batch.verdicts[j].correct]
+            if others:
+                chosen = [j for j in others if block.startswith(texts[j] + "\n\n")]
+                assert chosen, f"row {i}: the block is not a correct peer's text"
+                not_first += others[0] not in chosen
+    assert not_first > 0
+    again = []
+    monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, blocks, *a, **kw:
+                        again.append(blocks) or score(run, batch, blocks, *a, **kw))
+    run_script(antisd, "toy", tmp_path / "s", *flags)
+    assert again == [blocks for _, blocks in calls]  # seeded: the same draws again

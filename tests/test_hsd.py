@@ -1,4 +1,5 @@
 """hsd.py: peer choice, the hindsight block, divergence diagnostics, skip masking, end-to-end runs."""
+import functools
 import json
 import zlib
 
@@ -11,6 +12,7 @@ import hsd
 import sd
 from common import batch as batch_module
 from common.example import Example
+from common.logprobs import token_stats
 from common.verifiers import Verdict
 
 OK, BAD = Verdict(1.0, True, ""), Verdict(0.0, False, "")
@@ -135,8 +137,12 @@ def run_script(model, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+# The earlier recipe, in the GRPO frame, with the answer-only diagnostics every step.
+FRAME = ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0", "--diagnostics-every", "1"]
+
+
 def test_token_mode_runs_with_peer_contexts_and_all_metrics(tiny_model_dir, tmp_path, captured):
-    rows = run_script(tiny_model_dir, tmp_path / "t", "--total-steps", "3", "--diagnostics-every", "2")
+    rows = run_script(tiny_model_dir, tmp_path / "t", *FRAME, "--total-steps", "3", "--diagnostics-every", "2")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(k in rows[0] and k in rows[2] for k in HSD_KEYS)
     assert "hsd/credit_mass_near_div_answer_only" not in rows[1] and "hsd/credit_mass_near_div" in rows[1]
@@ -158,7 +164,7 @@ def test_token_mode_runs_with_peer_contexts_and_all_metrics(tiny_model_dir, tmp_
 
 
 def test_skip_leaves_successful_rows_out_of_sd(tiny_model_dir, tmp_path, captured):
-    rows = run_script(tiny_model_dir, tmp_path / "t", "--on-success", "skip", "--total-steps", "1")
+    rows = run_script(tiny_model_dir, tmp_path / "t", *FRAME, "--on-success", "skip", "--total-steps", "1")
     (batch, token_masks), adv = captured["update"][0], captured["advantages"][0]
     correct = torch.tensor([v.correct for v in batch.verdicts])
     a = grpo.group_advantages(batch.rewards, 4, "group")
@@ -167,9 +173,68 @@ def test_skip_leaves_successful_rows_out_of_sd(tiny_model_dir, tmp_path, capture
     assert not torch.equal(adv[~correct], a[~correct][:, None].expand(-1, adv.shape[1]))  # failed rows get credit
     assert rows[0]["sd/frac_rows_distilled"] == pytest.approx(1 - correct.float().mean().item())
 
-    rows = run_script(tiny_model_dir, tmp_path / "l", "--on-success", "skip", "--sd-loss", "logit", "--topk", "8")
+    rows = run_script(tiny_model_dir, tmp_path / "l", *FRAME, "--on-success", "skip", "--sd-loss", "logit", "--topk", "8")
     assert all(k in r for r in rows for k in HSD_KEYS) and rows[0]["loss/distill"] > 0
     for batch, token_masks in captured["update"][1:]:
         correct, mask = torch.tensor([v.correct for v in batch.verdicts]), batch.rollout.completion_mask.float()
         distill = token_masks["distill"]
         assert (distill[correct] == 0).all() and torch.equal(distill[~correct], mask[~correct])
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_full_vocabulary_kl_matches_a_naive_loop_and_its_gradient(direction, temperature):
+    """The paired chunked path gives KL(S||T) (or KL(T||S)) per position; gradients reach only the student."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 2, 5, 8, 29
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    student_h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    teacher_h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (B, T), generator=g)
+    out = token_stats(student_h, head, y, temperature, 3, paired_hidden=teacher_h, paired_head=head,
+                      paired_fn=functools.partial(hsd.token_kl, direction=direction))
+    naive = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            s = torch.softmax(head(student_h[b, t]).double() / temperature, -1)
+            q = torch.softmax(head(teacher_h[b, t]).double() / temperature, -1)
+            p_, r_ = (s, q) if direction == "reverse" else (q, s)
+            naive[b, t] = sum(p_[v] * (torch.log(p_[v]) - torch.log(r_[v])) for v in range(V))
+    torch.testing.assert_close(out["paired"].double(), naive, atol=1e-5, rtol=1e-5)
+    out["paired"].sum().backward()
+    grad, student_h.grad = student_h.grad, None
+    naive.sum().backward()
+    torch.testing.assert_close(grad, student_h.grad, atol=1e-5, rtol=1e-4)
+    assert teacher_h.grad.abs().sum() > 0  # the naive loop's backward reached the teacher: the chunked one did not
+    teacher_h.grad = None
+    token_stats(student_h, head, y, temperature, 3, paired_hidden=teacher_h, paired_head=head,
+                paired_fn=functools.partial(hsd.token_kl, direction=direction))["paired"].sum().backward()
+    assert teacher_h.grad is None
+
+
+def test_paper_recipe_distils_with_a_full_kl_and_no_grpo_term(tiny_model_dir, tmp_path, captured):
+    rows = run_script(tiny_model_dir, tmp_path / "k", "--total-steps", "3")  # the defaults: --sd-loss kl, beta 0.001
+    assert all(r["loss/distill"] > 0 and "loss/kl" in r for r in rows)
+    assert all((adv == 0).all() for adv in captured["advantages"])  # no GRPO advantage anywhere
+    # Diagnostics with the answer-only teacher every 10 steps: here at step 0 only; 3 peer passes + 1 answer-only.
+    assert ["hsd/abs_credit_near_div_answer_only" in r for r in rows] == [True, False, False]
+    assert len(captured["teacher"]) == 4
+    for batch, blocks in [captured["teacher"][i] for i in (0, 2, 3)]:  # no correctness sentence by default
+        assert not any("attempt was" in b for b in blocks)
+    forward = run_script(tiny_model_dir, tmp_path / "f", "--total-steps", "1", "--kl-direction", "forward")
+    assert forward[0]["reward/mean"] == rows[0]["reward/mean"] and forward[0]["loss/distill"] != rows[0]["loss/distill"]
+
+
+def test_kl_with_the_current_teacher_needs_one_update_per_batch(tmp_path):
+    with pytest.raises(ValueError, match="one update per batch"):
+        hsd.main(tyro.cli(hsd.Args, args=["--num-minibatches", "2", "--output-dir", str(tmp_path / "x")]))
+    assert not (tmp_path / "x").exists()
+
+
+def test_abs_credit_near_divergence_by_hand():
+    delta = torch.tensor([[1.0, -2.0, 0.0, 3.0, -4.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    share = hsd.abs_credit_near(delta, mask, torch.tensor([1, 2]), 1)
+    torch.testing.assert_close(share, torch.tensor([(1 + 2 + 0) / 6, 0.0]))  # the masked -4 never counts

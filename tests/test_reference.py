@@ -32,8 +32,8 @@ CONFIGS = {
     "sd-logit": ("sd", ["--sd-loss", "logit"]),
     "sd-ema": ("sd", ["--teacher", "ema"]),
     "credit": ("credit", ["--sd-loss", "token", "--grpo-coef", "1", "--contrast-weight", "0.5", "--teacher", "current"]),
-    "antisd": ("antisd", ["--gate-warmup-steps", "1"]),
-    "hsd": ("hsd", []),
+    "antisd": ("antisd", ["--gate-warmup-steps", "1", "--peer", "first"]),
+    "hsd": ("hsd", ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0", "--diagnostics-every", "1"]),
 }
 
 
