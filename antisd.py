@@ -1,7 +1,7 @@
 """Anti-Self-Distillation (AntiSD): ascend the divergence from the policy's own answer-conditioned teacher.
 
 Paper: Shen et al. 2026, "Anti-Self-Distillation for Reasoning RL via Pointwise Mutual Information"
-(arXiv 2605.11609). Spec: ALGORITHMS.md §2.3; the SD frame is sd.py's (AntiSD §2, Eq. 2).
+(arXiv 2605.11609). See docs/antisd.md; the SD frame is sd.py's (AntiSD §2, Eq. 2).
 
 Idea: the SD token credit u_t is a pMI increment: it is high where knowing the answer makes a token
 likely (shortcuts to a known result) and negative where the answer does not explain the token (the
@@ -20,7 +20,7 @@ answer explains (u > 0), switched off by an entropy gate when the teacher's entr
                answer), then `Your answer is correct.` / `Your answer is incorrect.`
                (code: `Your code passes N of M test cases.`)
 
-Choices (marked [choice] in ALGORITHMS.md §2.3) and their flags:
+Choices the paper leaves open or that differ from it, and their flags:
 - H_warm is the median of all pooled warm-up token entropies (`--h-warm-agg pooled`, default) or the
   median of the warm-up step medians (`--h-warm-agg step-median`). Pooled entropies are counted in a
   histogram of 1e-4-nat bins on [0, 20) nats so memory stays bounded on long runs; H_warm is then the

@@ -13,7 +13,7 @@ relative to its group as the advantage of every one of its tokens in a PPO clipp
 aggregated per `--loss-agg`: `sequence` (GRPO: token mean per row, then row mean), `token` (DAPO:
 sum over all tokens / their count) or `constant` (Dr. GRPO: sum / (rows * max_new_tokens)).
 
-Presets (`--preset`, ALGORITHMS.md §1) set these fields:
+Presets (`--preset`; see docs/grpo.md) set these fields:
     grpo     adv-scale group, loss-agg sequence, eps 0.2/0.2, beta 0.04
     dr-grpo  adv-scale none,  loss-agg constant, eps 0.2/0.2, beta 0
     dapo     adv-scale group, loss-agg token,    eps 0.2/0.28, beta 0, dynamic sampling, overlong shaping

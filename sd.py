@@ -17,7 +17,7 @@ feedback on the attempt). Where the teacher likes a token more than the student 
         alpha = 0: KL(T || S), alpha = 1: KL(S || T); on the student's top-k + one tail bucket;
         w_t = min(exp(s_t - s_old_t), 2) detached (importance weight).
 
-Choices (ALGORITHMS.md §2, marked [choice] there):
+Choices (see docs/sd.md):
 - `--teacher current` (default; the policy before this step's update), `ema` (SDPO, rate 0.05) or
   `initial` (OPSD, the frozen starting model).
 - Teacher prompt: one user turn `{problem}\\n\\n{privileged}\\n\\nNow solve the original problem step by

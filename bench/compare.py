@@ -11,7 +11,7 @@ independent), collects each `metrics.jsonl`, and writes into `--out`:
                     trace (teacher entropy median, H_warm, g), HSD credit mass near the divergence
                     vs the answer-only teacher
 
-    python bench/compare.py                      # 3 seeds x 6 configurations, script defaults (60 steps)
+    python bench/compare.py                      # 3 seeds x 9 configurations (60 steps)
     python bench/compare.py --quick              # 1 seed, a few steps: checks the pipeline end to end
 
 Runs go `--jobs` at a time (default: one per CPU core), each with one torch thread, so a run's metrics
@@ -31,18 +31,37 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> (script, its flags): the five algorithms with their defaults, plus sd.py's logit mode.
-ALGORITHMS = {"grpo": ("grpo", []), "sd": ("sd", []), "sd-logit": ("sd", ["--sd-loss", "logit"]),
-              "credit": ("credit", []), "antisd": ("antisd", []), "hsd": ("hsd", [])}
-DIAGNOSTICS = {"sd": ["sd/pmi_seq_mean"], "credit": ["credit/contrast_mean"],
+# name -> (script, its flags): the five algorithms with their defaults (each paper's recipe), sd.py's logit
+# mode, sd.py as CREDIT's own lam = 0 baseline (SDPO's loss on the teacher's top-20, EMA 0.01, no GRPO term),
+# and the SD-frame variants of CREDIT and HSD (the advantage A_i + lam * credit of the shared frame).
+CONFIGS = {
+    "grpo": ("grpo", []),
+    "sd": ("sd", []),
+    "sd-logit": ("sd", ["--sd-loss", "logit"]),
+    "sd-sdpo": ("sd", ["--sd-loss", "logit", "--topk-from", "teacher", "--jsd-alpha", "1", "--topk", "20",
+                       "--grpo-coef", "0", "--teacher", "ema", "--ema-rate", "0.01"]),
+    "credit": ("credit", []),
+    "credit-frame": ("credit", ["--sd-loss", "token", "--grpo-coef", "1", "--contrast-weight", "0.5", "--teacher", "current"]),
+    "antisd": ("antisd", []),
+    "hsd": ("hsd", []),
+    "hsd-frame": ("hsd", ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0"]),
+}
+# Per script, the algorithm's own signals (credit magnitude near the divergence is HSD's paper measure).
+DIAGNOSTICS = {"sd": ["sd/pmi_seq_mean"], "credit": ["credit/contrast_mean", "credit/sign_flip_frac"],
                "antisd": ["gate/entropy_median", "gate/h_warm", "gate/on"],
-               "hsd": ["hsd/credit_mass_near_div", "hsd/credit_mass_near_div_answer_only"]}
+               "hsd": ["hsd/abs_credit_near_div", "hsd/abs_credit_near_div_answer_only", "hsd/credit_mass_near_div",
+                       "hsd/credit_mass_near_div_answer_only"]}
+
+
+def diagnostics_of(algorithm: str) -> list[str]:
+    """The diagnostic keys of a configuration: its script's."""
+    return DIAGNOSTICS.get(CONFIGS[algorithm][0], [])
 
 
 def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> list[dict]:
     """Train one algorithm for one seed in a subprocess; returns its metrics rows."""
     run_dir = out / "runs" / f"{algorithm}-{seed}"
-    script, flags = ALGORITHMS[algorithm]
+    script, flags = CONFIGS[algorithm]
     cmd = [sys.executable, str(ROOT / f"{script}.py"), *flags, "--seed", str(seed), "--total-steps", str(steps),
            "--eval-every", str(eval_every), "--output-dir", str(run_dir), *extra]
     started = time.perf_counter()
@@ -90,11 +109,11 @@ def plot(results: dict[str, dict[int, list[dict]]], out: Path, eval_label: str) 
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
 
-    present = [a for a in DIAGNOSTICS if a in results]
+    present = [a for a in results if diagnostics_of(a)]
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
     for ax, algorithm in zip(axes[0], present):
         rows = next(iter(results[algorithm].values()))
-        if algorithm == "antisd":  # the gate: teacher entropy relative to H_warm, its thresholds, steps on
+        if CONFIGS[algorithm][0] == "antisd":  # the gate: teacher entropy relative to H_warm, its thresholds, steps on
             points = [(r["step"], r["gate/entropy_median"] / r["gate/h_warm"]) for r in rows if "gate/h_warm" in r]
             if points:
                 ax.plot(*zip(*points), label="entropy median / H_warm", marker=".")
@@ -105,7 +124,7 @@ def plot(results: dict[str, dict[int, list[dict]]], out: Path, eval_label: str) 
                     ax.axvspan(r["step"] - 0.5, r["step"] + 0.5, color="tab:red", alpha=0.15, lw=0)
             ax.plot([], [], color="tab:red", alpha=0.3, lw=6, label="gate on")
         else:
-            for key in DIAGNOSTICS[algorithm]:
+            for key in diagnostics_of(algorithm):
                 points = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
                 if points:
                     ax.plot(*zip(*points), label=key, marker=".")
@@ -133,7 +152,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    p.add_argument("--algorithms", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time (one thread each)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--quick", action="store_true", help="one seed, 3 steps, small eval: a pipeline check")
@@ -166,7 +185,7 @@ def main() -> None:
         w.writerow(["algorithm", "seeds", "initial_mean", "final_mean", "final_std", "final_min", "final_max",
                     "gain_mean", "gain_std", "gain_min", "gain_max", "train_s_mean"])
         print(f"\nheld-out accuracy ({eval_label}), {a.steps} steps, seeds {a.seeds}")
-        print(f"{'algorithm':<8} {'initial':>8} {'final':>15} {'gain':>15} {'min gain':>9} {'train s':>8}")
+        print(f"{'algorithm':<12} {'initial':>8} {'final':>15} {'gain':>15} {'min gain':>9} {'train s':>8}")
         for alg, by_seed in results.items():
             first = [rows[0]["eval/accuracy"] for rows in by_seed.values()]
             final = [rows[-1]["eval/accuracy"] for rows in by_seed.values()]
@@ -174,14 +193,14 @@ def main() -> None:
             train_s = statistics.mean(wall_times(rows)[-1] for rows in by_seed.values())
             w.writerow([alg, len(final), f"{statistics.mean(first):.4f}", *(f"{v:.4f}" for v in final_s),
                         *(f"{v:.4f}" for v in gain_s), f"{train_s:.1f}"])
-            print(f"{alg:<8} {statistics.mean(first):>8.3f} {final_s[0]:>8.3f} ± {final_s[1]:.3f} "
+            print(f"{alg:<12} {statistics.mean(first):>8.3f} {final_s[0]:>8.3f} ± {final_s[1]:.3f} "
                   f"{gain_s[0]:>+8.3f} ± {gain_s[1]:.3f} {gain_s[2]:>+9.3f} {train_s:>8.0f}")
     with open(a.out / "diagnostics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seed", "metric", "run_mean"])
-        for alg in (x for x in DIAGNOSTICS if x in results):
+        for alg in (x for x in results if diagnostics_of(x)):
             for seed, rows in results[alg].items():
-                for key, value in diagnostic_means(rows, DIAGNOSTICS[alg]).items():
+                for key, value in diagnostic_means(rows, diagnostics_of(alg)).items():
                     w.writerow([alg, seed, key, f"{value:.5f}"])
     plot(results, a.out, eval_label)
     print(f"\nwrote {a.out}/curves.csv, summary.csv, diagnostics.csv, curves.png, diagnostics.png")

@@ -1,6 +1,6 @@
 """Chunked per-token log-probs, entropies and top-k gathers, so no [B, T, V] fp32 tensor exists at once.
 
-ALGORITHMS.md §3: log p(y_t) = z_y - logsumexp(z) with z = logits / tau, and the entropy
+log p(y_t) = z_y - logsumexp(z) with z = logits / tau, and the entropy
 H = logsumexp(z) - sum softmax(z) * z, each computed one chunk of token positions at a time.
 """
 from __future__ import annotations

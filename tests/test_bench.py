@@ -12,7 +12,8 @@ def test_compare_quick_pipeline(tmp_path):
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert [r["algorithm"] for r in summary] == ["grpo", "sd", "sd-logit", "credit", "antisd", "hsd"]
+    assert [r["algorithm"] for r in summary] == ["grpo", "sd", "sd-logit", "sd-sdpo", "credit", "credit-frame", "antisd",
+                                                 "hsd", "hsd-frame"]
     curves = list(csv.DictReader((tmp_path / "curves.csv").open()))
     for r in summary:  # the summary is computed from the curves: first and last eval of the one seed
         evals = [c for c in curves if c["algorithm"] == r["algorithm"]]
@@ -21,6 +22,7 @@ def test_compare_quick_pipeline(tmp_path):
         assert abs(float(r["gain_mean"]) - (last - first)) < 1e-4 and r["seeds"] == "1"
         assert 0 <= first <= 1 and 0 <= last <= 1
     diagnostics = {(r["algorithm"], r["metric"]) for r in csv.DictReader((tmp_path / "diagnostics.csv").open())}
-    assert ("hsd", "hsd/credit_mass_near_div_answer_only") in diagnostics and ("credit", "credit/contrast_mean") in diagnostics
+    assert ("hsd", "hsd/abs_credit_near_div_answer_only") in diagnostics and ("credit", "credit/contrast_mean") in diagnostics
+    assert ("hsd-frame", "hsd/credit_mass_near_div") in diagnostics
     for png in ("curves.png", "diagnostics.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

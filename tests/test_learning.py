@@ -19,7 +19,7 @@ one step-0 evaluation is mostly noise. The test compares with their mean, BASE =
     antisd      +0.037 +0.062 +0.106 +0.071 +0.081   +0.037   0.03
     hsd         +0.032 +0.040 +0.074 +0.047 +0.045   +0.032   0.025
 
-The hsd run also checks the paper's claim on the same steps (ALGORITHMS.md §2.4): on failed rows, the
+The hsd run also checks the paper's claim on the same steps (docs/hsd.md): on failed rows, the
 peer-conditioned teacher puts more of its negative credit within 8 tokens of the divergence from the
 peer than the answer-only teacher does. Run means over seeds 1-5: 0.548/0.461, 0.544/0.477,
 0.540/0.451, 0.557/0.482, 0.553/0.479, a gap of +0.067 to +0.089; the margin is 0.05.
