@@ -1,9 +1,40 @@
 """Verifiers: a reward and a one-line feedback for a completion of a toy, math or code task.
 
-Toy: exact match of the text after the last `Answer:`. Math: Hugging Face's `math-verify`, run in a
+Toy: exact string match of the first line after the last `Answer:` (see `toy_verify`). Math:
+extraction and a value rule of our own, then Hugging Face's `math-verify` for equivalence, run in a
 long-lived worker process (its main thread, so SIGALRM timeouts work whatever thread calls us; a hung
 worker is killed and restarted). Code: the last fenced Python block runs against assert tests in a
 sandboxed `python -I -S -B` subprocess.
+
+The math rule (`math_verify`): an answer is a value, not a restated computation.
+
+* Where it is read: the last `\\boxed{}`, else the `####` line, else an explicit "the answer is X" /
+  "Answer: X" / "the answer to ... is X" statement ("final answer to 8 + 8 + 7" introduces the question
+  and is no answer), else the completion's last value if it is stated as a result (not an operand of
+  `+ - * /`, not in a hedging sentence, not one of a list). Several different answers where one is
+  read (two boxes, two `####` lines, two statements) are a hedge and score 0; the same answer repeated
+  is fine, and a box written as rejected ("not $\\boxed{1}$") is no candidate.
+* Gold a number (integer, decimal, fraction, percentage, scientific notation): the prediction must be a
+  numeric literal (`17`, `-4`, `1,234`, `\\frac{3}{4}` in lowest terms, `25\\%`, `10^6`, optionally with
+  `$`, units, a currency sign or an `x =` in front), never an expression that evaluates to the gold
+  (`8+8+7`, `5*2`, `9^2`, `(10)(10)`, `\\frac{46}{2}`, `\\sqrt{529}`); and a number copied from the
+  question in another notation than the gold's ("Express 0.75 as a fraction": `0.75`) does not count.
+* Gold symbolic (radicals, pi, intervals, sets, tuples, polynomials): math-verify's equivalence, but an
+  expression copied from the question (`(x+1)^2` for "Expand $(x+1)^2$") is never an answer; single
+  letters and plain numbers are exempt (multiple-choice options).
+
+How the code verifier decides (`code_verify`): the program and the tests run in two processes. The
+program's process runs its code and then only answers requests (call this, get that attribute, iterate
+this); the tests' process, which never runs program code, runs the tests with its own builtins and
+modules and receives the program's results as plain data (numbers, strings, bytes, containers,
+Fraction, Decimal, Counter...) copied over a pipe, or as opaque handles for anything else. So a
+program cannot monkeypatch the tests' builtins or modules, rebind `exec`, edit or even read the tests
+(they reach the tests' process after the fork), learn the nonce or write the report, and an object of
+a class it defines compares equal only to itself whatever its `__eq__` says (a subclass of a plain type,
+such as a namedtuple or an IntEnum, compares as its plain value). Handles answer calls, attributes,
+iteration, `len`, indexing, truth and `str` with values the program computes, as a real object would;
+lists, dicts, sets and bytearrays a call changes in place are copied back. Program names that shadow a
+builtin are not visible to the tests. A test cannot pass a function of its own to the program.
 
 What the code sandbox isolates, layer by layer (each is best effort, probed in the child on every run
 rather than once at import; where one is unavailable the others still apply):
@@ -11,42 +42,47 @@ rather than once at import; where one is unavailable the others still apply):
 * Process lifetime: the child starts a new session; on wall-clock timeout, and after every run, its
   whole process group gets SIGKILL.
 * Namespaces (where the kernel permits; a user namespace is added when not root): a PID namespace
-  (the program runs as its init with a fresh /proc: host processes, the parent included, are
-  invisible and unsignalable, and when it exits the kernel kills every process it left behind); a
-  network namespace (only a down loopback); a private mount namespace in which every mount is
-  remounted read-only and fresh 16 MB tmpfs cover /tmp, /var/tmp, /dev/shm and /run/lock. The
-  working directory is a new directory in that /tmp and vanishes with the namespace.
+  (the tests' process runs as its init and the program's as its child, with a fresh /proc: host
+  processes, the parent included, are invisible and unsignalable, init ignores the program's signals,
+  and when it exits the kernel kills every process left behind); a network namespace (only a down
+  loopback); a private mount namespace in which every mount is remounted read-only and fresh 16 MB
+  tmpfs cover /tmp, /var/tmp, /dev/shm and /run/lock. The working directory is a new directory in that
+  /tmp and vanishes with the namespace.
 * Privileges (only when the parent runs as root): the child switches to a fresh random uid/gid without
   supplementary groups, so it cannot write root-owned files, read other processes' /proc/PID/environ,
   signal them or raise its limits again; RLIMIT_NPROC (which root ignores) then counts only this
   sandbox's processes, and after the run every process with that uid is killed. A Python
   installation the new uid can't reach (e.g. under /root) is bind-mounted read-only into the private
-  /tmp so the standard library still imports. Always: PR_SET_NO_NEW_PRIVS and PR_SET_PDEATHSIG(SIGKILL).
-* Resource limits: RLIMIT_CPU, RLIMIT_AS (memory_mb), RLIMIT_FSIZE (10 MB per file, stdout included),
-  RLIMIT_NPROC (8), RLIMIT_NOFILE (64), no core dumps.
+  /tmp so the standard library still imports. Always: PR_SET_NO_NEW_PRIVS and PR_SET_PDEATHSIG(SIGKILL);
+  the tests' process is not dumpable, so the program's cannot ptrace it or open its /proc/PID/mem or fds.
+* Resource limits, per process: RLIMIT_CPU, RLIMIT_AS (memory_mb), RLIMIT_FSIZE (10 MB per file, stdout
+  included), RLIMIT_NPROC (8), RLIMIT_NOFILE (64), no core dumps; a value sent between them is at most 4 MB.
 * Interpreter: `-I -S -B` (no PYTHON* variables, user site or site-packages: stdlib only; no .pyc
-  writes); the environment is only PATH=/usr/bin:/bin; before the program runs, fork/exec/spawn/
-  system/kill/setsid are replaced by stubs that raise, and subprocess, socket, multiprocessing,
-  asyncio, pty and ctypes imports fail; the recursion limit is 10000.
-* I/O: stdin is /dev/null; stdout and stderr go to one file in a fresh temp dir on the parent's side
-  (only its last 64 KB are read back); that dir is removed afterwards.
-* Results: the harness writes one JSON line, prefixed by a random nonce it got on stdin, to a
-  dedicated pipe; the parent ignores it unless the child exited with status 0 before the timeout.
+  writes); the environment is only PATH=/usr/bin:/bin; in the program's process, before it runs,
+  fork/exec/spawn/system/kill/setsid are replaced by stubs that raise, and subprocess, socket,
+  multiprocessing, asyncio, pty and ctypes imports fail; the recursion limit is 10000.
+* I/O: the program's stdin is /dev/null; stdout and stderr go to one file in a fresh temp dir on the
+  parent's side (only its last 64 KB are read back); that dir is removed afterwards.
+* Results: the tests' process writes one JSON line, prefixed by a random nonce it got on stdin, to a
+  dedicated pipe the program's process does not hold; the parent ignores it unless the child exited
+  with status 0 before the timeout. If the program's process dies or writes anything but the protocol,
+  the run scores 0.
 
 What is NOT isolated: the program can read whatever its uid may read (world-readable files, the
 read-only filesystem). Without root *and* without user namespaces there are no namespaces and no
 separate uid, so a program that undoes the Python-level stubs (e.g. `sys.modules` surgery, then
-ctypes) can write the user's files, signal the user's processes and open network connections. As
-root without a mount namespace, a Python installation the new uid can't reach leaves only built-in
-and already imported modules importable. There is no seccomp filter and no cgroup: CPU is bounded by
-RLIMIT_CPU and the wall-clock timeout, memory by RLIMIT_AS per process. A program that inspects the
-harness's frames can find the nonce, but a forged report still needs a clean exit before the real
-tests run. Tests share the program's namespace, so objects that compare equal to everything defeat
-`==` asserts (reward hacking, not an escape).
+ctypes) can write the user's files, signal the user's processes (the tests' process included: that
+run scores 0) and open network connections. As root without a mount namespace, a Python installation
+the new uid can't reach leaves only built-in and already imported modules importable. There is no
+seccomp filter and no cgroup: CPU is bounded by RLIMIT_CPU and the wall-clock timeout, memory by
+RLIMIT_AS per process. Tests are trusted code: a name a test neither defines nor imports comes from the
+program, and a test that compares two program objects with `==` compares their identity.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 import resource
@@ -60,6 +96,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from common.data import Example
@@ -84,7 +121,7 @@ def verify(example: Example, completion: str) -> Verdict:
     if example.task == "toy":
         return toy_verify(completion, example.answer)
     if example.task == "math":
-        return math_verify(completion, example.answer)
+        return math_verify(completion, example.answer, question=example.prompt)
     if example.task == "code":
         return code_verify(completion, example.tests or [])
     raise ValueError(f"unknown task {example.task!r}: expected toy, math or code")
@@ -105,7 +142,12 @@ def _answer_verdict(ok: bool, shown: str) -> Verdict:
 
 
 def toy_verify(completion: str, answer: str) -> Verdict:
-    """Exact match of the first line of the text after the last `Answer:`."""
+    """Exact match of the first line of the text after the last `Answer:` (case-sensitive, stripped).
+
+    Only that line is read: earlier `Answer:` lines neither help nor hurt, so writing several answers
+    (a hedge) scores exactly what committing to the last one alone scores, never more; a line holding
+    several values (`22 or 23`), an expression (`8+8+7`) or anything besides the answer fails the exact
+    match. This is also what `common.toy.extract_answer` reads."""
     tail = completion.rsplit("Answer:", 1)[1].strip() if "Answer:" in completion else ""
     got = tail.splitlines()[0].strip() if tail else ""
     if not got:
@@ -126,41 +168,310 @@ class _Deadline(BaseException):
     """Raised by SIGALRM in the worker; a BaseException so math-verify's `except Exception` can't eat it."""
 
 
-def _answer_region(completion: str) -> tuple[str, tuple]:
-    """The part of the completion holding the final answer and the math-verify configs to extract it."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+# Extraction and the value rule (pure Python: run in the worker, under its alarm, like math-verify).
 
-    boxed = completion.rfind("\\boxed")
-    if boxed >= 0:
-        # Only the last \boxed counts: an empty one is no answer, not a cue to grab an earlier number.
-        return completion[boxed:], (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-    hashes = completion.rfind("####")
-    if hashes >= 0:  # GSM8K style: the answer is the rest of that line
-        return completion[hashes + 4:].strip().split("\n", 1)[0], (LatexExtractionConfig(), ExprExtractionConfig())
-    # math-verify's own priorities: "final answer is", "answer:", then the last LaTeX or number.
-    return completion, (LatexExtractionConfig(), ExprExtractionConfig())
+_BOX_START = re.compile(r"\\(?:boxed|fbox)\b\s*")
+_NEGATION = re.compile(r"(?:\bnot|n't|\binstead of|\brather than|\\neq?|≠)[\s$(\[]*$", re.IGNORECASE)
+_CUE = re.compile(  # "answer is/was/:/=", or "answer to <the question> is": never "answer to" alone
+    r"\banswer\b(?:\s*(?::|=|\bis\b|\bwas\b|\bwould be\b|\bwill be\b|\bshould be\b)"
+    r"|\s+(?:to|of|for)\b[^\n.:,;=]{0,120}?(?:\s(?:is|was)\b|\s*=))\s*:?", re.IGNORECASE)
+_CUT = re.compile(r"[.!?](?=\s|$)|;|,\s+(?=[A-Za-z]{2})|\s(?:because|since|which|so|but)\b", re.IGNORECASE)
+_HEDGE_WORDS = re.compile(r"\b(?:or|either|maybe|perhaps|possibly|probably|might|could)\b", re.IGNORECASE)
+_RESULT_WORD = re.compile(
+    r"(?:\b(?:is|are|was|were|be|equals?|makes?|gives?|gets?|got|totals?|yields?|becomes?)|:)\s*$", re.IGNORECASE)
+_OPERATOR_AFTER = re.compile(r"[-+*/^=×÷<>]|\\(?:cdot|times|div|pm)\b|\d")
+_OPERATOR_BEFORE = re.compile(r"(?:[-+*/^×÷({\[]|\\(?:cdot|times|div|pm|frac|sqrt))$")
+_MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_NUMBER_TOKEN = re.compile(r"(?<![\w.\\])-?(?:\\[dt]?frac\{\d+\}\{\d+\}|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+                           r"|\.\d+)(?:\s*\\?%)?(?!\w)")
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox|operatorname)"
+                      r"\s*\{([^{}]*)\}")
+_SPACING = re.compile(r"\\(?:displaystyle|left|right|quad|qquad|[,;:! ])|~")
+_DEC = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_FRACTION = re.compile(r"\\[dt]?frac\s*(?:\{\s*([+-]?\d+)\s*\}\s*\{\s*(\d+)\s*\}|(\d)\s*(\d))|(\d+)\s*/\s*(\d+)")
+_SCIENTIFIC = re.compile(rf"(?:({_DEC})\s*(?:\\times|\\cdot|×|\*|x)\s*)?10\s*\^\s*\{{?\s*([+-]?\d{{1,3}})\s*\}}?"
+                         rf"|({_DEC})[eE]([+-]?\d{{1,3}})")
+_NOT_UNITS = {"or", "and", "to", "plus", "minus", "times", "over", "divided", "by", "not", "nor", "than", "more",
+              "less", "about", "approximately", "maybe", "perhaps", "then", "is", "equals"}
 
 
-def _math_compare(completion: str, answer: str) -> Verdict:
-    """Parse gold and predicted answers with math-verify and compare them (no timeout of its own)."""
+@dataclass(frozen=True)
+class _Literal:
+    """A number written as a value: its exact value, notation and a LaTeX form math-verify reads."""
+
+    value: Fraction
+    kind: str
+    """`dec` (integer or decimal), `frac`, `sci` (10^n, a x 10^n, aeN) or `pct`."""
+    latex: str
+
+
+def _clean(text: str, lines: bool = False) -> str:
+    """`text` without math delimiters, spacing commands, text/font wrappers (kept: their content) or markdown.
+
+    Whitespace is collapsed (within each line if `lines`, which also keeps trailing punctuation)."""
+    text = text.replace("−", "-").replace("\\$", " ").replace("$", " ")
+    text = re.sub(r"\\[()\[\]]", " ", text)
+    text = re.sub(r"(?<=\d)\\,(?=\d{3})", "", text).replace("{,}", ",")
+    for _ in range(3):  # nested wrappers, innermost first
+        text = _WRAPPER.sub(lambda m: f" {m[1]} ", text)
+    text = _SPACING.sub(" ", text)
+    text = re.sub(r"\*\*|__|`", "", text)
+    if lines:
+        return "\n".join(" ".join(line.split()) for line in text.split("\n"))
+    return " ".join(text.split()).rstrip(" .,;:!?").lstrip(" :")
+
+
+def _has_prose(text: str) -> bool:
+    """Whether `text` holds a word (two or more letters that are not a LaTeX command)."""
+    return re.search(r"(?<![\\A-Za-z])[A-Za-z]{2,}", text) is not None
+
+
+def _literal(text: str, strict: bool) -> _Literal | None:
+    """`text` as a numeric literal, or None if it is anything else (an expression, a list, words).
+
+    Accepted, around an optional sign: an integer or decimal (`1,234` separators allowed), a fraction
+    of integers (`\\frac{3}{4}`, `\\dfrac34`, `3/4`), scientific notation (`10^6`, `2 \\times 10^{3}`,
+    `1e6`), each with an optional `%`, degree sign, currency sign or trailing unit words (`5 apples`).
+    `strict` (predictions): a fraction must be in lowest terms with a denominator above 1 (`\\frac{46}{2}`
+    is a division left undone)."""
+    s = _clean(text)
+    s = re.sub(r"^(?:€|£|¥|\\pounds|\\euro)\s*", "", s)
+    for _ in range(4):  # unit words: "5 apples", "10 cm^2"
+        m = re.search(r"\s([A-Za-z]+)\.?(?:\s*\^\s*\{?\d\}?)?$", s)
+        if not m or m[1].lower() in _NOT_UNITS:
+            break
+        s = s[:m.start()].rstrip()
+    s = re.sub(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)$", "", s)
+    percent = re.search(r"\s*\\?%$", s)
+    s = s[:percent.start()] if percent else s
+    sign, body = re.fullmatch(r"([+-]?)\s*(.*)", s, re.DOTALL).groups()
+    negative = sign == "-"
+    if re.fullmatch(_DEC, body):
+        value, kind, latex = Fraction(body.replace(",", "")), "dec", body.replace(",", "")
+    elif m := _FRACTION.fullmatch(body):
+        num, den = (m[1], m[2]) if m[1] else (m[3], m[4]) if m[3] else (m[5], m[6])
+        num, den = int(num), int(den)
+        if den == 0 or strict and (den == 1 or math.gcd(num, den) != 1):
+            return None
+        value, kind, latex = Fraction(num, den), "frac", f"\\frac{{{num}}}{{{den}}}"
+    elif m := _SCIENTIFIC.fullmatch(body):
+        mantissa, exponent = (m[1] or "1", m[2]) if m[2] else (m[3], m[4])
+        value = Fraction(mantissa.replace(",", "")) * Fraction(10) ** int(exponent)
+        kind, latex = "sci", f"{mantissa.replace(',', '')}\\times10^{{{int(exponent)}}}"
+    else:
+        return None
+    if negative:
+        value, latex = -value, "-" + latex
+    if percent:
+        kind, latex = "pct", latex + "\\%"
+    return _Literal(value, kind, latex)
+
+
+def _bad_lhs(lhs: str) -> bool:
+    """Whether the left side of `lhs = value` makes it no answer: empty, a value itself ("22 = 23"), or a
+    value followed by prose ("22 because 8 + 8 + 7 = 23")."""
+    lhs = lhs.strip()
+    return not lhs or _literal(lhs, strict=False) is not None or bool(re.match(r"[-+]?\d", lhs)) and _has_prose(lhs)
+
+
+def _rhs(text: str) -> str | None:
+    """The value side of `x = 5` / `8 + 8 + 7 = 23` (the text itself if it has no `=`); None for a bad chain."""
+    parts = re.split(r"(?<![<>!=\\])=(?!=)", text)
+    if len(parts) > 1 and any(_bad_lhs(p) for p in parts[:-1]):
+        return None
+    return parts[-1].strip()
+
+
+def _norm_expr(text: str) -> str:
+    """A comparison form of an expression: no spacing, delimiters, grouping or `\\dfrac`/`\\cdot` variants."""
+    text = _clean(text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    text = re.sub(r"\\cdot|\\times|×", "*", text)
+    text = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°", "°", text)
+    text = re.sub(r"\s*([^\w\s])\s*", r"\1", re.sub(r"[{}()]", " ", text))  # spaces only between words
+    return re.sub(r"(\\[A-Za-z]+) (?=\w)", r"\1", " ".join(text.split())).strip()
+
+
+def _answer_key(text: str) -> tuple:
+    """What two final answers must share to count as the same answer (hedge detection)."""
+    rhs = _rhs(_clean(text))
+    lit = _literal(rhs, strict=False) if rhs else None
+    return ("value", lit.value, lit.kind == "pct") if lit else ("text", _norm_expr(text))
+
+
+def _copied_expression(pred: str, question: str) -> bool:
+    """Whether `pred` (not a bare number or a single symbol) appears in the question as written."""
+    p, q = _norm_expr(pred), _norm_expr(question)
+    if not p or re.fullmatch(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)|\\?[A-Za-z]+|\\text[A-Za-z]", p):
+        return False
+    before = r"(?<![A-Za-z0-9])" if p[0].isalnum() else ""
+    after = r"(?![A-Za-z0-9])" if p[-1].isalnum() else ""
+    return re.search(before + re.escape(p) + after, q) is not None
+
+
+def _question_values(question: str) -> set[tuple[str, Fraction]]:
+    """(notation, value) of every number written in the question."""
+    text, found = _clean(question), set()
+    for m in re.finditer(r"\\[dt]?frac\s*\{\s*\d+\s*\}\s*\{\s*\d+\s*\}|(?<![\d.])\d+\s*/\s*\d+(?![\d.])"
+                         rf"|(?<![\d.])10\s*\^\s*\{{?\d{{1,3}}\}}?|(?<![\d.])(?:{_DEC})(?:\s*\\?%)?", text):
+        lit = _literal(m[0], strict=False)
+        if lit:
+            found.add((lit.kind, lit.value))
+    return found
+
+
+def _boxes(text: str) -> list[tuple[int, str | None]]:
+    """(start, content) of each outermost `\\boxed{...}`/`\\fbox{...}` (or `\\boxed 72`); None if unclosed/empty."""
+    found, end = [], -1
+    for m in _BOX_START.finditer(text):
+        if m.start() < end:
+            continue  # inside the previous box
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth, j, content = 1, i + 1, None
+            while j < len(text):
+                if text[j] == "\\":
+                    j += 2  # \{ and \} are literal braces (a set), not grouping
+                    continue
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    content, end = text[i + 1:j].strip(), j + 1
+                    break
+                j += 1
+            else:
+                end = len(text)
+        else:
+            token = re.match(r"[^\s$\\{}]+", text[i:])
+            content, end = (token[0], i + token.end()) if token else (None, i)
+        while content and (inner := re.fullmatch(r"\\(?:boxed|fbox)\s*\{(.*)\}", content, re.DOTALL)):
+            content = inner[1].strip()
+        found.append((m.start(), content or None))
+    return found
+
+
+def _cut(text: str) -> str:
+    """`text` up to the end of its first sentence or clause."""
+    m = _CUT.search(text)
+    return (text[:m.start()] if m else text).strip()
+
+
+def _statements(text: str) -> list[str]:
+    """The answers of explicit statements ("the answer is 17", "**Answer:** 9", "answer to 2+2 is 4")."""
+    cues, found = list(_CUE.finditer(text)), []
+    for k, cue in enumerate(cues):
+        stop = cues[k + 1].start() if k + 1 < len(cues) else len(text)
+        pos = cue.end() + len(re.match(r"\s*", text[cue.end():])[0])  # "Answer:\n17": the next line
+        answer = _cut(text[pos:].split("\n", 1)[0])
+        if not answer or pos + len(answer) > stop:
+            continue  # "Final Answer: The final answer is 5": the inner statement counts
+        if re.match(r"\s*[A-Za-z]{2,}", _clean(answer)):
+            continue  # prose, "not 22", "below": not a value
+        found.append(answer)
+    return found
+
+
+def _sentence(text: str, start: int, end: int) -> tuple[int, int]:
+    """Bounds of the sentence (or line) holding text[start:end]."""
+    left = max([m.end() for m in re.finditer(r"[.!?](?=\s)|\n", text[:start])], default=0)
+    right = re.search(r"[.!?](?=\s|$)|\n", text[end:])
+    return left, end + right.start() if right else len(text)
+
+
+def _fallback(text: str) -> str | None:
+    """Without a box, `####` or answer statement: the completion's last value, if it is stated as a result.
+
+    That is its last math segment (`$...$`) if no digit follows it, else its last number; neither counts
+    if it is an operand (an operator right before or after it: `8 + 8 + 7`, `5 * 2`, `8 + 8 + 7 = x`), if
+    its sentence hedges (or, maybe, perhaps, ...), or if its sentence holds other numbers and it is not
+    introduced as their result (`= 17` after a non-number, `is 23`, `: 23`): `22, 23` and `22 23` are lists."""
+    text = re.sub(r"\*\*|__", "", text)
+    segments = [m for m in _MATH_SEGMENT.finditer(text) if next(g for g in m.groups() if g is not None).strip()]
+    if segments and not re.search(r"[\d$]", text[segments[-1].end():]):
+        seg = segments[-1]
+        value = next(g for g in seg.groups() if g is not None).strip()
+        start, end = _sentence(text, seg.start(), seg.end())
+        before, after = text[start:seg.start()].rstrip(), text[seg.end():end]
+    else:
+        text = _clean(text, lines=True)
+        numbers = list(_NUMBER_TOKEN.finditer(text))
+        if not numbers:
+            return None
+        seg = numbers[-1]
+        value, (start, end) = seg[0], _sentence(text, seg.start(), seg.end())
+        before, after = text[start:seg.start()].rstrip(), text[seg.end():end]
+        if value.startswith("-") and re.search(r"[\d)\]}]$", before):
+            return None  # "12 -4": a subtraction
+    if _OPERATOR_AFTER.search(after) or _HEDGE_WORDS.search(text[start:end]) or _OPERATOR_BEFORE.search(before):
+        return None
+    if before.endswith("="):
+        return None if _bad_lhs(_clean(before[:-1].rsplit("=", 1)[-1])) else value
+    if re.search(r"\d", before) and "=" not in value and not _RESULT_WORD.search(before):
+        return None  # "22 23", "22, 23": a list, not a result
+    return value
+
+
+def _extract(completion: str) -> tuple[str | None, str]:
+    """(the final answer's text, "") or (None, why there is none)."""
+    boxes = _boxes(completion)
+    if boxes:
+        if boxes[-1][1] is None:  # an empty or unclosed last box is no answer, not a cue to use an earlier one
+            return None, "no final answer found"
+        candidates = [c for s, c in boxes if c is not None and not _NEGATION.search(completion[max(0, s - 40):s])]
+    elif "####" in completion:
+        candidates = [a for a in (_cut(m[1]) for m in re.finditer(r"####([^\n]*)", completion)) if a]
+    else:
+        candidates = _statements(re.sub(r"\*\*|__", "", completion)) or list(filter(None, [_fallback(completion)]))
+    if not candidates:
+        return None, "no final answer found"
+    if len({_answer_key(c) for c in candidates}) > 1:
+        shown = ", ".join(dict.fromkeys(_shown(c, 20) for c in candidates))
+        return None, _shown(f"several different final answers ({shown}): none counts", 120)
+    return candidates[-1], ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str) -> list:
+    """math-verify's parse of a gold answer (cached: a dataset repeats each one across a group)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    return parse(f"\\boxed{{{answer}}}", extraction_config=(LatexExtractionConfig(), ExprExtractionConfig()),
+                 parsing_timeout=None)
+
+
+def _math_compare(completion: str, answer: str, question: str | None = None) -> Verdict:
+    """Extract the final answer, apply the value rule, compare with math-verify (no timeout of its own)."""
     # Imported here: only the worker process pays for sympy.
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
     from math_verify import verify as equivalent
 
     # Timeouts off: the worker's own alarm bounds the whole call (the library's would swallow timeouts).
-    gold = parse(f"\\boxed{{{answer}}}", extraction_config=(LatexExtractionConfig(), ExprExtractionConfig()),
-                 parsing_timeout=None)
+    gold = _parse_gold(answer)
     if not gold:
         return Verdict(0.0, False, f"verifier error: cannot parse gold answer {_shown(answer)}")
-    region, configs = _answer_region(completion)
-    pred = parse(region, extraction_config=configs, parsing_timeout=None)
+    text, why = _extract(completion)
+    if text is None:
+        return Verdict(0.0, False, why)
+    gold_rhs = _rhs(_clean(answer))
+    gold_value = _literal(gold_rhs, strict=False) if gold_rhs else None
+    if gold_value is not None:  # a number: only a number answers it
+        rhs = _rhs(_clean(text))
+        value = _literal(rhs, strict=True) if rhs else None
+        if value is None:
+            return Verdict(0.0, False, f"final answer {_shown(text)} is not a number (an expression left unevaluated?)")
+        if question and value.kind != gold_value.kind and (value.kind, value.value) in _question_values(question):
+            return Verdict(0.0, False, f"final answer {_shown(text)} is copied from the question")
+        predicted = value.latex
+    else:
+        if question and _copied_expression(text, question):
+            return Verdict(0.0, False, f"final answer {_shown(text)} is copied from the question")
+        predicted = text
+    pred = parse(f"\\boxed{{{predicted}}}", extraction_config=(LatexExtractionConfig(boxed_match_priority=0),
+                                                              ExprExtractionConfig()), parsing_timeout=None)
     if not pred:
-        return Verdict(0.0, False, "no final answer found")
-    # With the default fallback mode, the last element is the extracted text as written.
-    return _answer_verdict(equivalent(gold, pred, timeout_seconds=None), str(pred[-1]))
+        return Verdict(0.0, False, f"final answer {_shown(text)} cannot be parsed")
+    return _answer_verdict(equivalent(gold, pred, timeout_seconds=None), text.strip("$ "))
 
 
-def _math_with_deadline(completion: str, answer: str, timeout_s: float) -> Verdict:
+def _math_with_deadline(completion: str, answer: str, timeout_s: float, question: str | None = None) -> Verdict:
     """`_math_compare` under a SIGALRM deadline; timeouts and errors become reward-0 verdicts."""
 
     def on_alarm(signum: int, frame: object) -> None:
@@ -169,7 +480,7 @@ def _math_with_deadline(completion: str, answer: str, timeout_s: float) -> Verdi
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        return _math_compare(completion, answer)
+        return _math_compare(completion, answer, question)
     except _Deadline:
         return Verdict(0.0, False, "verifier timed out")
     except Exception as e:  # a library bug on odd input must cost one reward, not the run
@@ -195,7 +506,8 @@ def _math_worker_main() -> None:
     for line in sys.stdin:  # ends when the parent exits and the pipe closes
         request = json.loads(line)
         try:
-            verdict = _math_with_deadline(request["completion"], request["answer"], request["timeout_s"])
+            verdict = _math_with_deadline(request["completion"], request["answer"], request["timeout_s"],
+                                          request.get("question"))
         except _Deadline:  # the alarm fired just as the call finished
             verdict = Verdict(0.0, False, "verifier timed out")
         replies.write(json.dumps(asdict(verdict)) + "\n")
@@ -211,11 +523,12 @@ class _MathWorker:
         self.owner = 0
         self.pending = b""
 
-    def call(self, completion: str, answer: str, timeout_s: float) -> Verdict:
+    def call(self, completion: str, answer: str, timeout_s: float, question: str | None = None) -> Verdict:
         """One verdict from the worker, waiting at most `timeout_s` plus a grace period."""
         with self.lock:
             proc = self._ensure()
-            request = json.dumps({"completion": completion, "answer": answer, "timeout_s": timeout_s})
+            request = json.dumps({"completion": completion, "answer": answer, "timeout_s": timeout_s,
+                                  "question": question})
             try:
                 proc.stdin.write(request.encode() + b"\n")
                 proc.stdin.flush()
@@ -277,9 +590,20 @@ class _MathWorker:
 _MATH_WORKER = _MathWorker()
 
 
-def math_verify(completion: str, answer: str, timeout_s: float = 5.0) -> Verdict:
-    """Is the completion's final answer (last \\boxed, else `####`, else "answer is"/last number) equal to `answer`?"""
-    return _MATH_WORKER.call(completion, answer, timeout_s)
+def math_verify(completion: str, answer: str, timeout_s: float = 5.0, question: str | None = None) -> Verdict:
+    """Is the completion's final answer equal to `answer`, as a value (see the module docstring)?
+
+    The final answer is the last `\\boxed{}` (one that follows "not"/"\\neq" is a rejected candidate and
+    ignored), else the `####` line, else an explicit "answer is / answer: / answer to ... is" statement,
+    else the last value of the completion stated as a result (`_fallback`). Several different boxed,
+    `####` or stated answers are a hedge and score 0; the same one repeated is fine. If `answer` is a
+    number, the prediction must be a numeric literal (`17`, `-4`, `1,234`, `0.5`, `\\frac{3}{4}` in
+    lowest terms, `25\\%`, `10^6`, with `$`, units, `x =` allowed around it), never an expression that
+    evaluates to it (`8+8+7`, `5*2`, `9^2`, `(10)(10)`, `\\frac{46}{2}`, `\\sqrt{4}`), and a number copied
+    from `question` in another notation than the gold's (`0.75` for "write 0.75 as a fraction") does not
+    count. Otherwise math-verify's equivalence decides, but an expression copied from `question` (a
+    substring of it, up to spacing and grouping) is never an answer. Rewards are 1.0 or 0.0."""
+    return _MATH_WORKER.call(completion, answer, timeout_s, question)
 
 
 # ---------------------------------------------------------------------------------------------- code
@@ -300,13 +624,16 @@ SANDBOX_ENV = {"PATH": "/usr/bin:/bin"}
 # single-threaded, unlike a parent that may run torch threads, so no preexec_fn is needed), runs the
 # program and the tests in one namespace, and reports on the result pipe.
 _HARNESS = r'''
-import ctypes, json, os, posix, re, resource, signal, sys
+import builtins, ctypes, json, os, posix, re, resource, select, signal, sys
+from collections import Counter, OrderedDict, deque
+from decimal import Decimal
+from fractions import Fraction
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
 MS_PRIVATE = 1 << 18
 LOCKED_FLAGS = 2 | 4 | 8 | 1024 | 2048 | 4096  # nosuid nodev noexec *atime: a user namespace must keep them
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 BLOCKED_CALLS = ("fork", "forkpty", "system", "popen", "execv", "execve", "execl", "execle", "execlp",
                  "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe",
                  "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg", "setsid", "setpgid",
@@ -411,8 +738,9 @@ def drop_privileges(uid, work):
 
 
 def lock_down(libc):
+    """The program's process only: no new privileges, death with the tests' process, stubs, blocked modules."""
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # after the uid change, which clears it
+    libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # after the uid change and the fork, which clear it
 
     def blocked(*args, **kwargs):
         raise PermissionError("operation not permitted in the sandbox")
@@ -437,40 +765,487 @@ def describe(e, test):
     return " ".join(text.split())[:300]
 
 
-def run(code, tests):
+# Wire format between the tests' process and the program's: frames of a 12-digit length and JSON, each
+# value a tagged list. Plain data travels by value; anything else stays in the program's process and
+# travels as a handle ["h", id, type name]; a subclass of a plain type travels as its plain value plus a
+# handle (["v", value, id, type name]: a namedtuple keeps its fields, but compares as a tuple).
+MESSAGE_CAP = 4 << 20
+DEPTH_CAP = 100
+PLAIN_TAGS = {int: "i", float: "f", complex: "c", str: "s", bytes: "y", bytearray: "Y", list: "l", tuple: "t",
+              dict: "d", set: "S", frozenset: "F", range: "r", Fraction: "q", Decimal: "D", deque: "Q",
+              Counter: "C", OrderedDict: "O"}
+BASES = (bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset)
+
+
+class Died(BaseException):
+    """The program's process ended or broke the protocol: no test after this one can run."""
+
+
+def send(fd, message):
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MESSAGE_CAP:
+        raise ValueError(f"value too large to return ({len(data)} bytes encoded)")
+    data = b"%012d" % len(data) + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def wire(value, handle, depth=0):
+    """`value` as a tagged list; `handle(value)` for what is not plain data (it may raise TypeError)."""
+    if depth > DEPTH_CAP:
+        raise ValueError("value nested too deeply")
+    kind, deeper = type(value), lambda v: wire(v, handle, depth + 1)
+    if value is None:
+        return ["n"]
+    if kind is bool:
+        return ["b", value]
+    tag = PLAIN_TAGS.get(kind)
+    if tag is None:
+        return handle(value)
+    if tag in "ir":
+        return [tag, *(format(v, "x") for v in ((value,) if tag == "i" else (value.start, value.stop, value.step)))]
+    if tag == "f":
+        return ["f", float.__repr__(value)]
+    if tag == "c":
+        return ["c", float.__repr__(value.real), float.__repr__(value.imag)]
+    if tag in "sD":
+        return [tag, str(value)]
+    if tag in "yY":
+        return [tag, value.hex()]
+    if tag == "q":
+        return ["q", format(value.numerator, "x"), format(value.denominator, "x")]
+    if tag in "dCO":
+        return [tag, [[deeper(k), deeper(v)] for k, v in value.items()]]
+    return [tag, [deeper(v) for v in value]]
+
+
+def unwire(message, resolve, depth=0):
+    """The value a tagged list stands for; handles go to `resolve(tag, fields)`. ValueError if malformed."""
+    if depth > DEPTH_CAP or type(message) is not list or not message or type(message[0]) is not str:
+        raise ValueError("malformed value")
+    tag, fields, deeper = message[0], message[1:], lambda v: unwire(v, resolve, depth + 1)
+    text = lambda i: fields[i] if type(fields[i]) is str and len(fields[i]) < MESSAGE_CAP else bad()
+    items = lambda: fields[0] if type(fields[0]) is list else bad()
+    if tag == "n":
+        return None
+    if tag == "b":
+        return fields[0] if type(fields[0]) is bool else bad()
+    if tag == "i":
+        return int(text(0), 16)
+    if tag == "f":
+        return float(text(0))
+    if tag == "c":
+        return complex(float(text(0)), float(text(1)))
+    if tag == "s":
+        return text(0)
+    if tag == "D":
+        return Decimal(text(0))
+    if tag in "yY":
+        return (bytes if tag == "y" else bytearray).fromhex(text(0))
+    if tag == "r":
+        return range(int(text(0), 16), int(text(1), 16), int(text(2), 16))
+    if tag == "q":
+        return Fraction(int(text(0), 16), int(text(1), 16))
+    if tag in "dCO":
+        pairs = [(deeper(p[0]), deeper(p[1])) if type(p) is list and len(p) == 2 else bad() for p in items()]
+        return Counter(dict(pairs)) if tag == "C" else OrderedDict(pairs) if tag == "O" else dict(pairs)
+    if tag in "ltSFQ":
+        return {"l": list, "t": tuple, "S": set, "F": frozenset, "Q": deque}[tag](deeper(v) for v in items())
+    return resolve(tag, fields)
+
+
+def bad():
+    raise ValueError("malformed value")
+
+
+# ------------------------------------------------------------------------------ the program's process
+
+
+def serve(code, inbox, outbox):
+    """Run the program, report its names, then answer the tests' requests on it until the pipe closes."""
+    read, exit_now, loads = os.read, os._exit, json.loads
+    objects, refs = {}, {}
+
+    def opaque(value):
+        ref = refs.setdefault(id(value), len(refs))
+        objects[ref] = value
+        return ["h", ref, str(getattr(type(value), "__name__", "object"))[:60]]
+
+    def handle(value):
+        """A handle; for a subclass of a plain type (namedtuple, IntEnum) its plain value as well."""
+        base = next((b for b in BASES[1:] if isinstance(value, b)), None)
+        if base is None:
+            return opaque(value)
+        if base in (list, tuple, set, frozenset):
+            plain = base(base.__iter__(value))
+        elif base is dict:
+            plain = dict(dict.items(value))
+        else:
+            plain = str.__str__(value) if base is str else base(value)
+        return ["v", wire(plain, handle), *opaque(value)[1:]]
+
+    def value(message):
+        return unwire(message, lambda tag, fields: objects[fields[0]] if tag == "h" else bad())
+
+    def receive():
+        def exactly(n):
+            data = b""
+            while len(data) < n:
+                chunk = read(inbox, n - len(data))
+                if not chunk:
+                    exit_now(0)  # the tests' process is done
+                data += chunk
+            return data
+        return loads(exactly(int(exactly(12))))
+
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
     try:
         exec(compile(code, "solution.py", "exec"), namespace)
     except BaseException as e:  # SystemExit included: exiting early must not skip the tests as passed
-        return {"passed": 0, "total": len(tests), "error": "the program raised " + describe(e, "")}
-    passed, first = 0, None
+        send(outbox, ["raised", describe(e, "")])
+        exit_now(0)
+    exports = {}
+    for name, v in list(namespace.items()):
+        if name.startswith("__"):
+            continue
+        if type(v) is type(sys):
+            exports[name] = ["m", str(getattr(v, "__name__", ""))]
+            continue
+        try:
+            exports[name] = wire(v, handle)
+            if len(json.dumps(exports[name])) > 1 << 16:
+                exports[name] = opaque(v)
+        except Exception:  # too deep, or odd: the tests can still use it through a handle
+            exports[name] = opaque(v)
+    send(outbox, ["ready", exports])
+    operations = {"getattr": lambda target, name: getattr(target, name), "iter": lambda target: iter(target),
+                  "next": lambda target: next(target), "len": lambda target: len(target),
+                  "getitem": lambda target, key: target[value(key)], "bool": lambda target: bool(target),
+                  "str": lambda target: str(target)}
+    while True:
+        op, ref, *rest = receive()
+        try:
+            if op == "call":
+                args = [value(a) for a in rest[0]]
+                result = objects[ref](*args, **{k: value(v) for k, v in rest[1].items()})
+                after = [wire(a, handle) if type(a) in (list, dict, set, bytearray) else None for a in args]
+                reply = ["ok", wire(result, handle), after]
+            else:
+                reply = ["ok", wire(operations[op](objects[ref], *rest), handle)]
+            send(outbox, reply)
+        except BaseException as e:
+            try:
+                name = str(type(e).__name__)[:60]
+                send(outbox, ["err", name, describe(e, "")[len(name) + 2:]])
+            except BaseException:
+                send(outbox, ["err", "Exception", ""])
+
+
+# -------------------------------------------------------------------------------- the tests' process
+
+
+class Channel:
+    """The tests' end of the pipes to the program's process."""
+
+    def __init__(self, inbox, outbox, child):
+        self.inbox, self.outbox, self.child, self.buffer = inbox, outbox, child, bytearray()
+        self.status, self.dead, self.proxies = None, None, {}
+
+    def exited(self):
+        if self.status is None:
+            pid, status = os.waitpid(self.child, os.WNOHANG)
+            if pid:
+                self.status = status
+        return self.status is not None
+
+    def read(self, n):
+        while len(self.buffer) < n:
+            if select.select([self.inbox], [], [], 0.05)[0]:
+                chunk = os.read(self.inbox, 1 << 16)
+                if not chunk:
+                    raise Died("exit")
+                self.buffer += chunk
+            elif self.exited():  # a child it forked may still hold the pipe open
+                raise Died("exit")
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    def receive(self):
+        if self.dead:
+            raise Died(self.dead)
+        try:
+            header = self.read(12)
+            if not header.isdigit() or int(header) > MESSAGE_CAP:
+                raise Died("protocol")
+            try:
+                return json.loads(self.read(int(header)))
+            except (ValueError, RecursionError):
+                raise Died("protocol") from None
+        except Died as e:
+            self.dead = e.args[0]
+            raise
+
+    def value(self, message, exported=False):
+        """A value the program sent; only its exported names may stand for modules (our own copies)."""
+        try:
+            if exported and type(message) is list and len(message) == 2 and message[0] == "m":
+                return sys.modules.get(message[1]) if type(message[1]) is str else bad()
+            return unwire(message, self.proxy)
+        except Exception:  # whatever the program sent, a value that doesn't decode ends the run
+            self.dead = "protocol"
+            raise Died("protocol") from None
+
+    def proxy(self, tag, fields):
+        if tag == "h" and len(fields) == 2 and type(fields[0]) is int and type(fields[1]) is str:
+            if fields[0] not in self.proxies:
+                self.proxies[fields[0]] = Remote(self, fields[0], fields[1])
+            return self.proxies[fields[0]]
+        if tag == "v" and len(fields) == 3 and type(fields[1]) is int and type(fields[2]) is str:
+            plain = unwire(fields[0], self.proxy)
+            base = next((b for b in BASES[1:] if type(plain) is b), None)
+            if base is None:
+                bad()
+            made = REMOTE_SUBCLASSES[base](plain)
+            made.__dict__.update(_remote=Remote(self, fields[1], fields[2]))
+            return made
+        bad()
+
+    def ask(self, request):
+        """The program's answer to `request`: a value, a handle, or the exception it raised, re-raised here."""
+        if self.dead:
+            raise Died(self.dead)
+        try:
+            send(self.outbox, request)
+        except OSError:
+            self.dead = "exit"
+            raise Died("exit") from None
+        reply = self.receive()
+        if type(reply) is list and reply and reply[0] == "ok" and len(reply) in (2, 3):
+            result = self.value(reply[1])
+            if len(reply) == 3 and request[0] == "call":
+                self.update_arguments(request, reply[2])
+            return result
+        if type(reply) is list and len(reply) == 3 and reply[0] == "err" and all(type(x) is str for x in reply[1:]):
+            if reply[1] in ("StopIteration", "StopAsyncIteration") and request[0] != "next":
+                # Raised by a call, it would silently end a test's map()/filter() (`all(map(f, xs))`).
+                raise RuntimeError(f"the program raised {reply[1]} outside an iterator's __next__")
+            raise remote_error(reply[1], reply[2])
+        self.dead = "protocol"
+        raise Died("protocol")
+
+    def update_arguments(self, request, after):
+        """Lists, dicts, sets and bytearrays the program changed in place change here too."""
+        if type(after) is not list or len(after) != len(self.passed):
+            self.dead = "protocol"
+            raise Died("protocol")
+        for original, new in zip(self.passed, after):
+            if new is not None and type(original) in (list, dict, set, bytearray):
+                new = self.value(new)
+                if type(new) is not type(original):
+                    continue
+                if type(original) in (dict, set):
+                    original.clear()
+                    original.update(new)
+                else:
+                    original[:] = new
+
+    def call(self, ref, args, kwargs):
+        self.passed = args
+        return self.ask(["call", ref, [self.out(a) for a in args], {str(k): self.out(v) for k, v in kwargs.items()}])
+
+    def out(self, value):
+        def handle(v):
+            if isinstance(v, Remote):
+                return ["h", v._ref]
+            if type(v) in REMOTE_SUBCLASSES.values():
+                return ["h", v.__dict__["_remote"]._ref]
+            base = next((b for b in BASES[1:] if isinstance(v, b)), None)
+            if base is not None:
+                return wire(base(v), handle)
+            raise TypeError(f"a test can't pass a {type(v).__name__} to the program")
+        return wire(value, handle)
+
+
+class Remote:
+    """An object that lives in the program's process. It compares equal only to itself: a class the program
+    defines never decides a test's `==`. Calls, attributes, iteration, len, indexing, truth and str are
+    answered by the program, with plain values or more handles."""
+
+    __slots__ = ("_channel", "_ref", "_kind", "__weakref__")
+
+    def __init__(self, channel, ref, kind):
+        object.__setattr__(self, "_channel", channel)
+        object.__setattr__(self, "_ref", ref)
+        object.__setattr__(self, "_kind", kind)
+
+    def __call__(self, *args, **kwargs):
+        return self._channel.call(self._ref, args, kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return self._channel.ask(["getattr", self._ref, name])
+
+    def __iter__(self):
+        return self._channel.ask(["iter", self._ref])
+
+    def __next__(self):
+        return self._channel.ask(["next", self._ref])
+
+    def __len__(self):
+        n = self._channel.ask(["len", self._ref])
+        if type(n) is not int:
+            raise TypeError("len() of a program object must be an int")
+        return n
+
+    def __getitem__(self, key):
+        return self._channel.ask(["getitem", self._ref, self._channel.out(key)])
+
+    def __bool__(self):
+        truth = self._channel.ask(["bool", self._ref])
+        if type(truth) is not bool:
+            raise TypeError("truth of a program object must be a bool")
+        return truth
+
+    def __str__(self):
+        text = self._channel.ask(["str", self._ref])
+        if type(text) is not str:
+            raise TypeError("str() of a program object must be a str")
+        return text
+
+    def __repr__(self):
+        return f"<{self._kind} object of the program>"
+
+    def __reduce__(self):
+        raise TypeError("program objects can't be pickled")
+
+
+def remote_subclass(base):
+    """A subclass of `base` whose attributes not found on `base` are the program's (a namedtuple's fields)."""
+
+    def __getattr__(self, name):
+        remote = self.__dict__.get("_remote")
+        if remote is None or name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return getattr(remote, name)
+
+    return type(base.__name__, (base,), {"__getattr__": __getattr__})
+
+
+REMOTE_SUBCLASSES = {b: remote_subclass(b) for b in BASES[1:]}
+
+
+def remote_error(name, message):
+    """An exception of this process for one the program raised: the builtin of that name, if there is one."""
+    name = name if name.isidentifier() else "Exception"
+    kind = getattr(builtins, name, None)
+    if kind is KeyError:  # whose str() would quote the message again
+        return type(name, (KeyError,), {"__str__": lambda self: message})()
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        try:
+            return kind(message)
+        except Exception:
+            pass
+    return type(name, (Exception,), {})(message)
+
+
+def run_tests(channel, tests):
+    first = channel.receive()
+    if type(first) is list and len(first) == 2 and first[0] == "raised" and type(first[1]) is str:
+        return {"passed": 0, "total": len(tests), "error": "the program raised " + first[1][:300]}
+    if not (type(first) is list and len(first) == 2 and first[0] == "ready" and type(first[1]) is dict):
+        channel.dead = "protocol"
+        raise Died("protocol")
+    # The tests' names: our own builtins, and the program's names except ones that shadow a builtin or
+    # take a standard module's name without being that module (`math = Fake()`).
+    namespace = {"__name__": "tests", "__builtins__": builtins}
+    for name, message in first[1].items():
+        module = type(message) is list and message[:1] == ["m"]
+        if name.startswith("__") or hasattr(builtins, name) or name in sys.stdlib_module_names and not module:
+            continue
+        value = channel.value(message, exported=True)
+        if value is not None or not module:  # a module we don't have: the tests import their own
+            namespace[name] = value
+    passed, error = 0, None
     for test in tests:
         try:
             exec(compile(test, "test", "exec"), namespace)
             passed += 1
+        except Died:
+            raise
         except BaseException as e:
-            first = first or describe(e, test.strip())
-    return {"passed": passed, "total": len(tests), "error": first}
+            error = error or describe(e, test.strip())
+        if channel.dead:  # a test that caught the program's death must not count
+            raise Died(channel.dead)
+    return {"passed": passed, "total": len(tests), "error": error}
+
+
+def read_exactly(fd, n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            raise EOFError("job truncated")
+        data += chunk
+    return data
 
 
 def main():
-    job = json.loads(sys.stdin.buffer.read())
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
+    # stdin: a 12-digit length, the job (program and limits), then the tests and the nonce. Only the job
+    # is read before the program's process forks: it never holds the tests, the nonce or the result pipe.
+    job = json.loads(read_exactly(0, int(read_exactly(0, 12))))
     write, dumps, exit_now, fd = os.write, json.dumps, os._exit, job["result_fd"]
     libc = ctypes.CDLL(None, use_errno=True)
     work, pid_namespace = isolate(libc, job["tmpfs_mb"], dropping=job["uid"] is not None)
     if pid_namespace:
         enter_pid_namespace(libc)
-    limit(job)
     if job["uid"] is not None:
         drop_privileges(job["uid"], work)
     os.chdir(work)
-    lock_down(libc)
-    result = run(job.pop("code"), job.pop("tests"))
-    write(fd, (job.pop("nonce") + " " + dumps(result) + "\n").encode())
-    exit_now(0)  # skip atexit handlers and finalizers the program may have registered
+    program_in, tests_out = os.pipe()  # requests: tests -> program
+    tests_in, program_out = os.pipe()  # replies: program -> tests
+    child = os.fork()
+    if child == 0:
+        for unused in (fd, tests_out, tests_in):
+            os.close(unused)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the rest of stdin (the tests) stays unread in the tests' process
+        os.close(null)
+        limit(job)
+        lock_down(libc)
+        serve(job.pop("code"), program_in, program_out)
+        exit_now(0)
+    for unused in (program_in, program_out):
+        os.close(unused)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # the program's process can't ptrace or read our memory
+    limit(job)
+    rest = b""
+    while chunk := os.read(0, 1 << 16):
+        rest += chunk
+    secret = json.loads(rest)
+    channel = Channel(tests_in, tests_out, child)
+    try:
+        result = run_tests(channel, secret["tests"])
+    except Died as e:
+        for _ in range(40 if e.args[0] == "exit" else 0):  # the pipe may close just before the exit status
+            if channel.exited():
+                break
+            select.select([], [], [], 0.05)
+        if e.args[0] == "exit" and channel.exited():
+            status = channel.status
+            died = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
+        else:  # it wrote something that is not the protocol, or closed its pipe and lives on
+            died = "protocol"
+        result = {"passed": 0, "total": len(secret["tests"]), "error": None, "died": died}
+    try:
+        os.kill(child, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    write(fd, (secret["nonce"] + " " + dumps(result) + "\n").encode())
+    exit_now(0)  # skip atexit handlers and finalizers
 
 
 main()
@@ -562,9 +1337,11 @@ def _run_sandboxed(code: str, tests: list[str], timeout_s: float, memory_mb: int
     try:
         uid = _sandbox_uid(workdir)
         nonce = secrets.token_hex(16)
-        job = {"code": code, "tests": tests, "nonce": nonce, "result_fd": write_fd, "uid": uid,
-               "cpu_s": int(timeout_s) + 1, "memory_bytes": memory_mb << 20, "fsize_bytes": FSIZE_BYTES,
-               "max_procs": MAX_PROCS, "tmpfs_mb": TMPFS_MB}
+        job = json.dumps({"code": code, "result_fd": write_fd, "uid": uid, "cpu_s": int(timeout_s) + 1,
+                          "memory_bytes": memory_mb << 20, "fsize_bytes": FSIZE_BYTES, "max_procs": MAX_PROCS,
+                          "tmpfs_mb": TMPFS_MB}).encode()
+        # The job first (framed), then what only the tests' process reads, after the program's has forked.
+        stdin = b"%012d" % len(job) + job + json.dumps({"tests": tests, "nonce": nonce}).encode()
         output = os.path.join(workdir, "output.txt")
         with open(output, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _HARNESS], stdin=subprocess.PIPE,
@@ -573,7 +1350,7 @@ def _run_sandboxed(code: str, tests: list[str], timeout_s: float, memory_mb: int
         os.close(write_fd)
         write_fd = -1
         try:
-            proc.communicate(json.dumps(job).encode(), timeout=timeout_s)
+            proc.communicate(stdin, timeout=timeout_s)
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
@@ -601,27 +1378,40 @@ def _kill_group(pgid: int, uid: int | None) -> None:
         _kill_uid(uid)
 
 
+def _killed(signum: int) -> str:
+    why = {signal.SIGXCPU: " (CPU time limit)", signal.SIGKILL: " (CPU or memory limit?)",
+           signal.SIGSEGV: " (stack overflow or memory limit?)"}.get(signum, "")
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:  # real-time signals have no name
+        name = f"signal {signum}"
+    return f"killed by {name}{why}"
+
+
 def _failure(run: _Run, timeout_s: float) -> str | None:
     """Why a run's report can't be trusted, as feedback; None if it can."""
     if run.timed_out:
         return f"timed out after {timeout_s:g}s"
     if run.returncode < 0:
-        why = {signal.SIGXCPU: " (CPU time limit)", signal.SIGKILL: " (CPU or memory limit?)",
-               signal.SIGSEGV: " (stack overflow or memory limit?)"}.get(-run.returncode, "")
-        try:
-            name = signal.Signals(-run.returncode).name
-        except ValueError:  # real-time signals have no name
-            name = f"signal {-run.returncode}"
-        return f"killed by {name}{why}"
-    if run.returncode != 0 or run.result is None:
+        return _killed(-run.returncode)
+    died = run.result.get("died") if run.result is not None else None
+    if died == "protocol":
+        return "broke the test protocol (wrote to the harness's pipe or closed it)"
+    if isinstance(died, dict) and isinstance(died.get("signal"), int):
+        return _killed(died["signal"])  # the program's process, while the tests' process waited on it
+    code = died.get("exit") if isinstance(died, dict) else run.returncode
+    if code != 0 or run.result is None or died is not None:
         last = next((line for line in reversed(run.output_tail.splitlines()) if line.strip()), "")
-        reason = f"exited with code {run.returncode} before reporting results"
+        reason = f"exited with code {code} before reporting results"
         return f"{reason}: {_shown(last, 200)}" if last else reason
     return None
 
 
 def code_verify(completion: str, tests: list[str], timeout_s: float = 5.0, memory_mb: int = 512) -> Verdict:
-    """Fraction of assert `tests` that the completion's last Python block passes, run in the sandbox."""
+    """Fraction of assert `tests` that the completion's last Python block passes, run in the sandbox.
+
+    The tests run in a process that never runs the program's code and sees only the values it computes
+    (module docstring); a program that dies, times out or breaks that protocol scores 0."""
     code = extract_code(completion)
     if code is None:
         return Verdict(0.0, False, "no code block found")

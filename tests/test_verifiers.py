@@ -16,8 +16,11 @@ MATH_CASES = [
     ("72", "The answer is 72.", True),
     ("72", "Answer: 72", True),
     ("72", "48 + 24 = 72, then 72 - 2 = 70. \\boxed{70}", False),  # right number earlier, wrong boxed
-    ("72", "First \\boxed{72}, no wait: \\boxed{71}", False),  # the last \boxed wins
-    ("71", "First \\boxed{72}, no wait: \\boxed{71}", True),
+    # Two different boxed answers are a hedge (the issue's `\boxed{22} or \boxed{23}`), self-corrections included.
+    ("72", "First \\boxed{72}, no wait: \\boxed{71}", False),
+    ("71", "First \\boxed{72}, no wait: \\boxed{71}", False),
+    ("71", "First \\boxed{72}, no wait: \\boxed{71}, so \\boxed{71}", False),
+    ("71", "Not $\\boxed{72}$ but $\\boxed{71}$", True),  # a box written as rejected is no candidate
     ("12", "I think it is 12.\n\\boxed{}", False),  # empty box: no answer, not the earlier 12
     ("12", "\\boxed{120}", False),
     ("120", "\\boxed{12}", False),
@@ -102,8 +105,8 @@ def test_math_from_non_main_thread():
 def test_math_pathological_input_times_out_and_recovers(in_thread):
     out = []
 
-    def call():
-        out.append(math_verify("\\boxed{9^{9^{9^{9}}}}", "72", timeout_s=1))
+    def call():  # a symbolic gold: against a number the unevaluated power is refused before sympy runs
+        out.append(math_verify("\\boxed{9^{9^{9^{9}}}}", "\\sqrt{2}", timeout_s=1))
 
     start = time.monotonic()
     if in_thread:
@@ -115,6 +118,8 @@ def test_math_pathological_input_times_out_and_recovers(in_thread):
     assert time.monotonic() - start < 10
     assert out[0] == Verdict(0.0, False, "verifier timed out")
     assert math_verify("\\boxed{72}", "72").correct  # the worker still (or again) answers
+    v = math_verify("\\boxed{9^{9^{9^{9}}}}", "72", timeout_s=1)
+    assert v.feedback.endswith("is not a number (an expression left unevaluated?)")
 
 
 def test_math_worker_is_restarted_after_dying():
