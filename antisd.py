@@ -62,9 +62,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import tyro
 
-from common.args import TrainArgs
+from common.args import TrainArgs, check, cli
 from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, gather_floats
 from common.example import Example
@@ -116,6 +115,18 @@ class Args(TrainArgs):
     """H_warm: median of all warm-up token entropies, or median of the warm-up step medians."""
     peer: Literal["random", "first"] = "random"
     """The verified solution: a correct other row of the group drawn uniformly (seeded), or the first one."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.eps_low, "eps_low", 0, 1, high_open=True)
+        check(self.eps_high, "eps_high", low=0)
+        check(self.beta, "beta", low=0)
+        check(self.grpo_coef, "grpo_coef", low=0)
+        check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
+        check(self.lam_max, "lam_max", low=0)
+        if not self.no_gate:
+            check(self.gate_warmup_steps, "gate_warmup_steps", low=1, why="H_warm is measured in warm-up; or --no-gate")
+        check(self.gate_down, "gate_down", 0, 1, low_open=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -418,4 +429,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

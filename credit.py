@@ -70,9 +70,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 
-from common.args import TrainArgs
+from common.args import TrainArgs, check, cli
 from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce
 from common.example import Example
@@ -131,6 +130,22 @@ class Args(TrainArgs):
     """lam of Eq. 8: weight of the contrastive baseline G (0 reproduces sd.py, in either mode)."""
     num_contrast: int = 1
     """C: unrelated prompts per row (distinct while C < P); their log-probs are averaged in log space."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.eps_low, "eps_low", 0, 1, high_open=True)
+        check(self.eps_high, "eps_high", low=0)
+        check(self.beta, "beta", low=0)
+        check(self.grpo_coef, "grpo_coef", low=0)
+        check(self.ema_rate, "ema_rate", 0, 1, low_open=True)
+        check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
+        check(self.lam, "lam")
+        check(self.lam_sd, "lam_sd", low=0)
+        check(self.jsd_alpha, "jsd_alpha", 0, 1)
+        check(self.topk, "topk", low=1)
+        check(self.is_clip, "is_clip", low=0, low_open=True)
+        check(self.contrast_weight, "contrast_weight", low=0)
+        check(self.num_contrast, "num_contrast", low=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -435,4 +450,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 
-from common.args import TrainArgs
+from common.args import TrainArgs, check, cli
 from common.batch import collect_batch, score_rollout
 from common.run import setup
 from common.update import MicroBatch, optimize
@@ -65,6 +64,13 @@ class Args(TrainArgs):
     """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
     overlong_cache: int = 0
     """DAPO overlong shaping: penalty ramp over the last N tokens of the budget (0 disables)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.eps_low, "eps_low", 0, 1, high_open=True)
+        check(self.eps_high, "eps_high", low=0)
+        check(self.beta, "beta", low=0)
+        check(self.overlong_cache, "overlong_cache", 0, self.max_new_tokens)
 
 
 def apply_preset(args: Args) -> Args:
@@ -191,4 +197,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

@@ -66,9 +66,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import tyro
 
-from common.args import TrainArgs
+from common.args import TrainArgs, check, cli
 from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, unsharded
 from common.example import Example
@@ -129,6 +128,22 @@ class Args(TrainArgs):
     """Score with the answer-only teacher too every N steps, for the `_answer_only` diagnostics (0: never)."""
     div_window: int = 8
     """Diagnostic: credit mass counts as near the divergence index d within +- this many tokens."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.eps_low, "eps_low", 0, 1, high_open=True)
+        check(self.eps_high, "eps_high", low=0)
+        check(self.beta, "beta", low=0)
+        check(self.grpo_coef, "grpo_coef", low=0)
+        check(self.ema_rate, "ema_rate", 0, 1, low_open=True)
+        check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
+        check(self.lam, "lam")
+        check(self.lam_sd, "lam_sd", low=0)
+        check(self.jsd_alpha, "jsd_alpha", 0, 1)
+        check(self.topk, "topk", low=1)
+        check(self.is_clip, "is_clip", low=0, low_open=True)
+        check(self.diagnostics_every, "diagnostics_every", low=0)
+        check(self.div_window, "div_window", low=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -474,4 +489,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

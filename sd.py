@@ -45,9 +45,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 
-from common.args import TrainArgs
+from common.args import TrainArgs, check, cli
 from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce
 from common.example import Example
@@ -101,6 +100,20 @@ class Args(TrainArgs):
     """Logit mode: take the k tokens from the student's distribution (SDPO) or the teacher's (CREDIT's SDPO baseline)."""
     is_clip: float = 2.0
     """Logit mode: clip of the detached importance weight exp(s - s_old)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.eps_low, "eps_low", 0, 1, high_open=True)
+        check(self.eps_high, "eps_high", low=0)
+        check(self.beta, "beta", low=0)
+        check(self.grpo_coef, "grpo_coef", low=0)
+        check(self.ema_rate, "ema_rate", 0, 1, low_open=True)
+        check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
+        check(self.lam, "lam")
+        check(self.lam_sd, "lam_sd", low=0)
+        check(self.jsd_alpha, "jsd_alpha", 0, 1)
+        check(self.topk, "topk", low=1)
+        check(self.is_clip, "is_clip", low=0, low_open=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,4 +325,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

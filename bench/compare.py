@@ -63,7 +63,7 @@ def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, e
     run_dir = out / "runs" / f"{algorithm}-{seed}"
     script, flags = CONFIGS[algorithm]
     cmd = [sys.executable, str(ROOT / f"{script}.py"), *flags, "--seed", str(seed), "--total-steps", str(steps),
-           "--eval-every", str(eval_every), "--output-dir", str(run_dir), *extra]
+           "--eval-every", str(eval_every), "--output-dir", str(run_dir), "--overwrite", *extra]
     started = time.perf_counter()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}

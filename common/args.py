@@ -1,14 +1,76 @@
-"""The `TrainArgs` fields every script shares (model, data, batch, optimisation, eval, logging)."""
+"""The `TrainArgs` fields every script shares (model, data, batch, optimisation, eval, logging), their allowed
+ranges, and `cli()`: parse, validate, refuse an existing run directory, all before torch models or data load.
+
+Validation runs when a `TrainArgs` is constructed (`__post_init__` -> `validate()`), again at the start of
+`common.run.setup` (a preset may have changed fields), and in `cli()`, which reports a bad value as one line
+`error: --flag must be ... (got X)` on stderr and exits with code 2. A script adds its own fields' ranges by
+extending `validate`:
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.eps_low, "eps_low", low=0, high=1, high_open=True)
+"""
 from __future__ import annotations
 
+import math
 import os
-import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
-import numpy as np
-import torch
+
+class ArgError(ValueError):
+    """A command-line value the run cannot use; its message is one line that names the flag."""
+
+
+def flag_name(name: str) -> str:
+    """`group_size` or `group-size` or `--group-size` -> `--group-size`."""
+    return "--" + name.lstrip("-").replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def fail(flag: str, requirement: str, value: Any, why: str = "") -> NoReturn:
+    """Raise `ArgError('--flag must be <requirement> (got value)[: why]')`."""
+    raise ArgError(f"{flag_name(flag)} must be {requirement} (got {_shown(value)})" + (f": {why}" if why else ""))
+
+
+def check(value: float, flag: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+          high_open: bool = False, why: str = "") -> None:
+    """Raise `ArgError` unless `low <= value <= high` (`<` at an open end); floats must also be finite.
+
+    `flag` is the field name (`group_size`) or the flag (`--group-size`). Examples:
+    `check(a.group_size, "group_size", low=2)` -> `--group-size must be >= 2 (got 1)`;
+    `check(a.top_p, "top_p", 0, 1, low_open=True)` -> `--top-p must be in (0, 1] (got 1.5)`.
+    """
+    if low is not None and high is not None:
+        requirement = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        requirement = f"{'>' if low_open else '>='} {low}"
+    elif high is not None:
+        requirement = f"{'<' if high_open else '<='} {high}"
+    else:
+        requirement = "a finite number"
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(flag, requirement if requirement == "a finite number" else f"finite and {requirement}", value, why)
+    # Written as `not (ok)` so that NaN, which compares False with everything, fails too.
+    if low is not None and not (value > low if low_open else value >= low):
+        fail(flag, requirement, value, why)
+    if high is not None and not (value < high if high_open else value <= high):
+        fail(flag, requirement, value, why)
+
+
+def world_size() -> int:
+    """Ranks of this run (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+validate_on_init = True
+"""`cli()` turns construction-time validation off while tyro parses (tyro would turn an error into a box)."""
 
 
 @dataclass
@@ -19,9 +81,12 @@ class TrainArgs:
     seed: int = 1
     """Seed of python, numpy and torch; the same seed gives the same metrics on CPU."""
     output_dir: str | None = None
-    """Run directory (args, metrics, samples, checkpoint); default `runs/{script}__{dataset}__{seed}__{time}`."""
+    """Run directory (args, metrics, samples, checkpoint); default `runs/{script}__{dataset}__{seed}__{time}`.
+    An existing run there is never replaced silently: pass `--resume` or `--overwrite`."""
     resume: bool = False
-    """Resume from the checkpoint in `--output-dir` (starts fresh when there is none)."""
+    """Resume from the checkpoint in `--output-dir` (says so and starts fresh when there is none)."""
+    overwrite: bool = False
+    """Start a fresh run in an `--output-dir` that holds one (deletes its metrics, samples and checkpoint)."""
     track: bool = False
     """Log to Weights & Biases (set WANDB_MODE=offline to log without network)."""
     wandb_project: str = "cleansd"
@@ -35,7 +100,8 @@ class TrainArgs:
     dataset: str = "toy"
     """A registered dataset name or a local .jsonl/.parquet file (fields: prompt, answer[, solution, tests, task])."""
     eval_dataset: str | None = None
-    """Dataset for evaluation (default: the test split of `--dataset`)."""
+    """Dataset for evaluation (default: the test split of `--dataset`; for a local file, a deterministic
+    held-out 10% of its rows, at most `--eval-size`, that training never sees)."""
     enable_thinking: bool = False
     """Pass enable_thinking to the chat template (Qwen3-style thinking mode)."""
     max_prompt_tokens: int = 512
@@ -91,22 +157,122 @@ class TrainArgs:
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     sample_every: int = 10
-    """Write completion samples to samples.jsonl every N steps."""
+    """Write completion samples to samples.jsonl every N steps (0: never)."""
+
+    def __post_init__(self) -> None:
+        if validate_on_init:
+            self.validate()
+
+    def validate(self) -> None:
+        """Raise `ArgError` (one line naming the flag and its allowed range) for a value the run cannot use.
+
+        Subclasses extend it: `super().validate()`, then `check(...)` / `fail(...)` for their own fields.
+        """
+        ranks = world_size()
+        for name in ("model", "dataset"):
+            if not getattr(self, name).strip():
+                fail(name, "a name or a path", getattr(self, name))
+        if self.eval_dataset is not None and not self.eval_dataset.strip():
+            fail("eval_dataset", "a dataset name or a path", self.eval_dataset)
+        if self.output_dir is not None and not self.output_dir.strip():
+            fail("output_dir", "a directory", self.output_dir)
+        if self.track and not self.wandb_project.strip():
+            fail("wandb_project", "a project name with --track", self.wandb_project)
+        if self.resume and self.overwrite:
+            raise ArgError("--resume and --overwrite exclude each other: --resume continues the run in --output-dir, "
+                           "--overwrite deletes it")
+        check(self.seed, "seed", 0, 2**32 - ranks, why="numpy seeds are 32-bit (seed + rank)")
+        check(self.max_prompt_tokens, "max_prompt_tokens", low=1)
+        check(self.total_steps, "total_steps", low=1)
+        check(self.num_prompts, "num_prompts", low=1)
+        if self.num_prompts % ranks:
+            fail("num_prompts", f"divisible by the number of ranks ({ranks})", self.num_prompts)
+        check(self.group_size, "group_size", low=2, why="group-relative advantages need two or more samples per prompt")
+        check(self.max_new_tokens, "max_new_tokens", low=1)
+        check(self.temperature, "temperature", low=0, low_open=True, why="training log-softmaxes divide logits by it")
+        check(self.top_p, "top_p", 0, 1, low_open=True)
+        check(self.max_sampling_rounds, "max_sampling_rounds", low=1)
+        check(self.learning_rate, "learning_rate", low=0, low_open=True)
+        check(self.warmup_steps, "warmup_steps", low=0)
+        check(self.weight_decay, "weight_decay", low=0)
+        check(self.max_grad_norm, "max_grad_norm", low=0, low_open=True)
+        check(self.ppo_epochs, "ppo_epochs", low=1)
+        rows = self.num_prompts // ranks * self.group_size
+        check(self.num_minibatches, "num_minibatches", 1, rows,
+              why=f"a step has {rows} rows per rank (--num-prompts / ranks x --group-size)")
+        check(self.micro_batch_rows, "micro_batch_rows", low=1)
+        check(self.logprob_chunk, "logprob_chunk", low=1)
+        check(self.eval_every, "eval_every", low=0)
+        check(self.eval_size, "eval_size", low=1)
+        check(self.eval_samples, "eval_samples", low=1)
+        check(self.eval_temperature, "eval_temperature", low=0, why="0 is greedy decoding")
+        check(self.save_every, "save_every", low=0)
+        check(self.sample_every, "sample_every", low=0)
+
+
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "checkpoint", ".checkpoint.old")
+"""What a run leaves in its directory; a directory holding any of them is a run that must not be replaced silently."""
+
+
+def check_run_dir(args: TrainArgs) -> None:
+    """Refuse (`ArgError`) to start a fresh run in an `--output-dir` that holds one, unless --resume / --overwrite."""
+    if args.output_dir is None:
+        return
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        fail("output_dir", "a directory", args.output_dir, why="it is a file")
+    if args.resume or args.overwrite:
+        return
+    found = [name + ("/" if (out / name).is_dir() else "") for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise ArgError(f"--output-dir {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                       f"--overwrite to replace it, or a new --output-dir")
+
+
+T = TypeVar("T", bound=TrainArgs)
+
+
+def cli(cls: type[T], args: list[str] | None = None, **tyro_kwargs: Any) -> T:
+    """Parse the command line with tyro, validate it and check the run directory, before anything heavy loads.
+
+    A bad value prints one line `error: --flag must be ... (got X)` to stderr and exits with code 2 (tyro's own
+    errors, such as an unknown flag, also exit with 2).
+    """
+    global validate_on_init
+    import tyro
+
+    validate_on_init = False
+    try:
+        parsed = tyro.cli(cls, args=args, **tyro_kwargs)
+    finally:
+        validate_on_init = True
+    try:
+        parsed.validate()
+        check_run_dir(parsed)
+    except ArgError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return parsed
 
 
 def finalize(args: TrainArgs, script: str) -> Path:
-    """Fill defaults that depend on the script; returns the run directory."""
+    """Validate, fill defaults that depend on the script; returns the run directory."""
+    args.validate()
     args.exp_name = args.exp_name or script
     if args.output_dir is None:
         dataset = Path(args.dataset).stem if args.dataset.endswith((".jsonl", ".parquet")) else args.dataset.replace("/", "-")
         args.output_dir = f"runs/{args.exp_name}__{dataset}__{args.seed}__{int(time.time())}"
-    if args.num_prompts % int(os.environ.get("WORLD_SIZE", "1")):
-        raise ValueError(f"--num-prompts {args.num_prompts} must be divisible by the number of ranks")
+    check_run_dir(args)
     return Path(args.output_dir)
 
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch, and ask torch for deterministic kernels where it can."""
+    import random
+
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -14,10 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed.checkpoint is imported inside the functions that use it: it costs about 0.7 s, which a
+# command line with a bad flag should not wait for.
+
+
+def full_options():
+    """Unsharded state dicts, offloaded to CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def rng_state() -> dict:
@@ -38,7 +44,9 @@ def set_rng_state(state: dict) -> None:
 
 def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU (a collective under FSDP2: call on every rank)."""
-    return get_model_state_dict(module, options=FULL)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=full_options())
 
 
 def export_hf(policy: torch.nn.Module, tokenizer, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -52,8 +60,10 @@ def export_hf(policy: torch.nn.Module, tokenizer, path: Path, state: dict[str, t
 def save(output_dir: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer, step: int,
          extra: dict[str, Any], teacher: torch.nn.Module | None = None) -> Path:
     """Atomically write the checkpoint after `step` completed steps; returns its path. All ranks call."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     model_state = full_model_state(policy)
-    optim_state = get_optimizer_state_dict(policy, optimizer, options=FULL)
+    optim_state = get_optimizer_state_dict(policy, optimizer, options=full_options())
     teacher_state = full_model_state(teacher) if teacher is not None else None
     rngs = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
@@ -86,16 +96,25 @@ def find(output_dir: Path) -> Path | None:
     return None
 
 
+def clear(output_dir: Path) -> None:
+    """Delete every checkpoint in `output_dir` (a fresh run must never resume an older run's weights)."""
+    for name in ("checkpoint", ".checkpoint.old", ".checkpoint.tmp"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
 def load(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
          teacher: torch.nn.Module | None = None) -> tuple[int, dict]:
     """Restore model, optimizer, teacher and this rank's RNG; returns (step, extra)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    set_model_state_dict(policy, state["model"], options=FULL)
-    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=FULL)
+    options = full_options()
+    set_model_state_dict(policy, state["model"], options=options)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
     if teacher is not None:
         if state["teacher"] is None:
             raise ValueError(f"{path} has no teacher weights; it was saved by a run without one")
-        set_model_state_dict(teacher, state["teacher"], options=FULL)
+        set_model_state_dict(teacher, state["teacher"], options=options)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rngs = state["rng"]
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])

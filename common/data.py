@@ -1,6 +1,7 @@
 """Tasks as a common `Example` record: the embedded toy task, local JSONL/parquet files, hub datasets."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -247,6 +248,35 @@ HUB_DATASETS = [
 ]
 REGISTRY: dict[str, Callable[[str], list[Example]]] = {"toy": toy_split, **{d.name: d for d in HUB_DATASETS}}
 """Registered dataset names -> loader(split) returning Examples."""
+
+
+def is_local_file(name: str) -> bool:
+    """Whether `name` is a local data file (by its suffix) rather than a registered dataset."""
+    return name not in REGISTRY and Path(name).suffix in (".jsonl", ".json", ".parquet")
+
+
+HOLDOUT_FRACTION = 0.1
+"""Share of a local file's rows held out for evaluation when no --eval-dataset is given."""
+
+
+def holdout_split(examples: list[Example], max_rows: int) -> tuple[list[Example], list[Example]]:
+    """Split one local file into (train, held-out) deterministically: no seed, no dependence on row order.
+
+    The held-out rows are the `min(max_rows, max(1, 10% of rows))` rows whose prompts have the smallest
+    SHA-256 digests (so a smaller `max_rows` holds out a subset of a larger one's), and every row whose prompt
+    is one of theirs leaves the training set too: a duplicated prompt is never on both sides. At least one
+    prompt stays for training: a file with a single distinct prompt holds nothing out (all rows, []).
+    """
+    digest = {e.prompt: hashlib.sha256(e.prompt.encode()).hexdigest() for e in examples}
+    k = min(max_rows, max(1, int(len(examples) * HOLDOUT_FRACTION)), len(digest) - 1)
+    if k < 1:
+        return list(examples), []
+    prompts = sorted(digest, key=digest.get)[:k]
+    held = set(prompts)
+    first = {}
+    for e in examples:
+        first.setdefault(e.prompt, e)
+    return [e for e in examples if e.prompt not in held], [first[p] for p in prompts]
 
 
 def load_examples(name: str, split: str = "train") -> list[Example]:

@@ -1,14 +1,27 @@
 """Load the policy and tokenizer (toy default, local path or hub id) and wrap it for chunked scoring."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.logprobs import token_stats
+
+if TYPE_CHECKING:  # transformers is imported where a model or tokenizer loads: parsing arguments never waits for it
+    from transformers import PreTrainedTokenizerBase
+
+
+@functools.cache
+def cache_kwarg(model_class: type) -> str:
+    """The name of `model_class.forward`'s KV-cache argument: `cache` in current transformers (5.24 here), else the
+    older `past_key_values` (deprecated by 5.24, to be removed in 5.40). The model's output holds the cache under
+    the same name."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class Policy(nn.Module):
@@ -62,14 +75,15 @@ class Policy(nn.Module):
     def grouped_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                        T: int, G: int) -> torch.Tensor:
         """Hidden states that predict the last T tokens, running each group's prompt once (KV repeated G times)."""
+        name = cache_kwarg(type(self.lm.model))
         prompt = self.lm.model(input_ids=input_ids[::G, :-T], attention_mask=attention_mask[::G, :-T],
                                position_ids=position_ids[::G, :-T], use_cache=True)
-        cache = prompt.past_key_values
+        cache = prompt[name]
         cache.batch_repeat_interleave(G)  # differentiable: gradients flow back into the shared prompt
         # The last completion token predicts nothing, so the completion pass stops one token short.
         completion = self.lm.model(input_ids=input_ids[:, -T:-1], attention_mask=attention_mask[:, :-1],
-                                   position_ids=position_ids[:, -T:-1], past_key_values=cache,
-                                   use_cache=False).last_hidden_state
+                                   position_ids=position_ids[:, -T:-1], use_cache=False,
+                                   **{name: cache}).last_hidden_state
         last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(G, dim=0)  # predicts the first token
         return torch.cat([last_prompt, completion], dim=1)
 
@@ -96,6 +110,8 @@ def resolve_model_path(name: str) -> str:
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding (generation) and a pad token (falls back to eos)."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -105,6 +121,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def load_policy(name: str, device: torch.device, gradient_checkpointing: bool = False) -> Policy:
     """The policy in fp32 master weights (bf16 compute comes from FSDP2 mixed precision or autocast)."""
+    from transformers import AutoModelForCausalLM
+
     path = resolve_model_path(name)
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention_implementation())

@@ -1,8 +1,12 @@
 """Chat-template rendering and left-padded tokenisation of prompts (student and teacher alike)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # imported where used: a command line parses before transformers loads
+    from transformers import PreTrainedTokenizerBase
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, messages: list[str], enable_thinking: bool = False) -> list[str]:

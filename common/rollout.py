@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from common.models import Policy
 from common.prompts import tokenize_left
+
+if TYPE_CHECKING:  # imported where used: a command line parses before transformers loads
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -74,6 +77,8 @@ def unsharded_for_generation(policy: torch.nn.Module):
 def generate(policy: Policy, tokenizer: PreTrainedTokenizerBase, prompts: list[str], group_size: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, autocast=contextlib.nullcontext) -> Rollout:
     """`group_size` samples of each rendered prompt (greedy when temperature == 0)."""
+    from transformers import GenerationConfig
+
     device = next(policy.parameters()).device
     prompt_ids, prompt_mask = tokenize_left(tokenizer, [p for p in prompts for _ in range(group_size)], device)
     gen_eos = policy.lm.generation_config.eos_token_id

@@ -3,6 +3,7 @@ tracking, evaluation, checkpoints."""
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from common import checkpoint
 from common.batch import Batch, batch_metrics
 from common.args import TrainArgs, finalize, seed_everything
-from common.data import DataError, PromptSampler, load_examples
+from common.data import HOLDOUT_FRACTION, DataError, PromptSampler, holdout_split, is_local_file, load_examples
 from common.example import Example
 from common.dist import Dist, all_reduce, cleanup, init_dist, shard
 from common.evaluation import evaluate
@@ -50,6 +51,12 @@ class Run:
     extra: dict = field(default_factory=dict)
     skipped_prompts: int = 0
     started: float = field(default_factory=time.perf_counter)
+    steps_run: int = 0
+    """Steps this process ran (a resumed run counts from its start step)."""
+    updates: int = 0
+    """Optimizer steps this process took (an update skipped for a non-finite gradient is not one)."""
+    skipped_updates: int = 0
+    """Updates skipped for a non-finite gradient norm (`train/skipped_updates` summed over the steps run)."""
 
     @property
     def teacher_model(self) -> Policy:
@@ -68,7 +75,9 @@ class Run:
         return lr
 
     def is_eval_step(self, step: int) -> bool:
-        return self.args.eval_every > 0 and (step % self.args.eval_every == 0 or step == self.args.total_steps - 1)
+        if self.args.eval_every <= 0 or not self.eval_set:
+            return False
+        return step % self.args.eval_every == 0 or step == self.args.total_steps - 1
 
     def evaluate_before(self, step: int) -> dict[str, float]:
         """Eval metrics of the policy before this step's update (eval steps except the last), else {}."""
@@ -93,9 +102,16 @@ class Run:
                         {"sampler": self.sampler.state_dict(), **(extra or {})}, self.teacher)
 
     def close(self) -> None:
-        """Finish tracking and leave the process group."""
+        """Finish tracking and leave the process group; exit non-zero if every update of this run was skipped."""
         self.tracker.finish()
         cleanup()
+        if self.skipped_updates and self.d.is_main:
+            print(f"warning: {self.skipped_updates} update(s) skipped for a non-finite gradient norm "
+                  f"({self.updates} taken)", file=sys.stderr, flush=True)
+        if self.steps_run and not self.updates:
+            raise SystemExit(f"error: every update of this run was skipped ({self.skipped_updates} with a non-finite "
+                             f"gradient norm over {self.steps_run} step(s)): nothing was trained; the loss is NaN or "
+                             f"inf (metrics in {self.out_dir / 'metrics.jsonl'}, train/skipped_updates)")
 
     def should_save(self, step: int) -> bool:
         last = step == self.args.total_steps - 1
@@ -118,20 +134,39 @@ class Run:
         if a.sample_every > 0 and step % a.sample_every == 0:
             self.tracker.samples(step, [{"split": "train", "prompt": e.prompt, "completion": t, "reward": float(r)}
                                         for e, t, r in list(zip(batch.examples, batch.rollout.texts, batch.rewards))[:4]])
+        self.steps_run += 1
+        self.skipped_updates += int(metrics.get("train/skipped_updates", 0))
         self.tracker.log(step, metrics)
         if self.should_save(step):
             self.save(step + 1, state)
 
 
-def load_splits(args: TrainArgs, tokenizer) -> tuple[list[Example], list[Example], int]:
-    """Train and eval examples with over-long prompts skipped (the count is returned and logged)."""
-    train = load_examples(args.dataset, "train")
-    evals = load_examples(args.eval_dataset or args.dataset, "test")[: args.eval_size]
+def load_splits(args: TrainArgs, tokenizer) -> tuple[list[Example], list[Example], int, str]:
+    """Train and eval examples with over-long prompts skipped (the count is returned and logged), and a note
+    saying where the eval prompts come from (for the start-up line).
+
+    A local file without --eval-dataset is split: a deterministic held-out part (`holdout_split`) is the eval
+    set and never trained on. Registered datasets evaluate on their test split, the toy task on its own.
+    """
+    source = f"eval: the test split of {args.eval_dataset or args.dataset}"
+    if args.eval_dataset is None and is_local_file(args.dataset):
+        rows = load_examples(args.dataset, "train")
+        train, evals = holdout_split(rows, args.eval_size)
+        source = (f"eval: {len(evals)} of the {len(rows)} rows of {args.dataset} held out, never trained on "
+                  f"(deterministic {HOLDOUT_FRACTION:.0%}, at most --eval-size; --eval-dataset to use another file)"
+                  if evals else f"no eval: {args.dataset} has one distinct prompt to hold out; pass --eval-dataset")
+    else:
+        train = load_examples(args.dataset, "train")
+        evals = load_examples(args.eval_dataset or args.dataset, "test")[: args.eval_size]
+        if args.eval_dataset is not None and is_local_file(args.eval_dataset) and is_local_file(args.dataset) \
+                and Path(args.eval_dataset).resolve() == Path(args.dataset).resolve():
+            print(f"warning: --eval-dataset is the training file {args.dataset}: eval metrics are on training rows, "
+                  f"not held out (omit --eval-dataset to hold out part of the file)", flush=True)
     train, skipped = prompt_fits(tokenizer, train, args.max_prompt_tokens, args.enable_thinking)
     evals, skipped_eval = prompt_fits(tokenizer, evals, args.max_prompt_tokens, args.enable_thinking)
     if not train:
         raise DataError(f"every training prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}")
-    return train, evals, skipped + skipped_eval
+    return train, evals, skipped + skipped_eval, source
 
 
 def setup(args: TrainArgs, script: str, teacher_weights: str = "current", reference: bool = False) -> Run:
@@ -141,30 +176,43 @@ def setup(args: TrainArgs, script: str, teacher_weights: str = "current", refere
     weights, which the script updates or keeps frozen). reference: load the frozen initial policy for
     a KL term (shared with an `initial` teacher, which holds the same weights).
     """
-    out_dir = finalize(args, script)
+    out_dir = finalize(args, script)  # validates the arguments and refuses to replace a run, before anything loads
     d = init_dist()
+    found = checkpoint.find(out_dir) if args.resume else None
+    if args.resume and found is None and d.is_main:
+        where = "the directory does not exist" if not out_dir.exists() else "it holds no checkpoint/"
+        print(f"warning: --resume: no checkpoint in {out_dir} ({where}); starting a fresh run at step 0",
+              file=sys.stderr, flush=True)
     seed_everything(args.seed + d.rank)
     tokenizer = load_tokenizer(args.model)
     policy = load_policy(args.model, d.device, args.gradient_checkpointing)
     teacher = copy.deepcopy(policy).requires_grad_(False).eval() if teacher_weights != "current" else None
     policy, teacher = shard(policy, d), shard(teacher, d) if teacher is not None else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    train, evals, skipped = load_splits(args, tokenizer)
+    train, evals, skipped, source = load_splits(args, tokenizer)
     sampler = PromptSampler(train, args.seed + d.rank)
     start, extra = 0, {}
-    found = checkpoint.find(out_dir) if args.resume else None
     if found is not None:
         start, extra = checkpoint.load(found, policy, optimizer, teacher)
         sampler.load_state_dict(extra["sampler"])
         if d.is_main:
             print(f"resumed from {found} at step {start}", flush=True)
+    if found is None and d.is_main:
+        checkpoint.clear(out_dir)  # --overwrite (or --resume without a checkpoint): no older weights survive
     tracker = Tracker(out_dir, args, out_dir.name, d.is_main, resume_step=start if found else None)
     if d.is_main:
-        print(f"{script}: {len(train)} train / {len(evals)} eval prompts ({skipped} over-long skipped), "
+        print(f"{script}: {len(train)} train / {len(evals)} eval prompts ({skipped} over-long skipped; "
+              f"{source}), "
               f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params, {d.world_size} rank(s), "
               f"{d.device.type}; writing to {out_dir}", flush=True)
     frozen = None
     if reference:  # the frozen initial policy, sharing nothing with the trained weights (an `initial` teacher is one)
         frozen = teacher if teacher_weights == "initial" else shard(load_policy(args.model, d.device).requires_grad_(False).eval(), d)
-    return Run(args, d, out_dir, tokenizer, policy, optimizer, sampler, evals, tracker, teacher, frozen, start, extra,
-               skipped)
+    run = Run(args, d, out_dir, tokenizer, policy, optimizer, sampler, evals, tracker, teacher, frozen, start, extra,
+              skipped)
+
+    def count_update(*_) -> None:
+        run.updates += 1
+
+    optimizer.register_step_post_hook(count_update)  # optimize() skips optimizer.step() for a non-finite gradient
+    return run

@@ -7,11 +7,15 @@ instruction are never cut.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from common.logprobs import score_completions
 from common.prompts import render_prompts, tokenize_left
+
+if TYPE_CHECKING:  # imported where used: a command line parses before transformers loads
+    from transformers import PreTrainedTokenizerBase
 
 TEACHER_INSTRUCTION = "Now solve the original problem step by step."
 CUT_MARK = "\n[...]\n"

@@ -11,11 +11,27 @@ CONSOLE_KEYS = ("reward/mean", "eval/accuracy", "loss/policy", "policy/entropy",
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines logged after `last_step` (a resumed run rewrites them identically)."""
+    """Drop lines logged after `last_step` (a resumed run rewrites them identically).
+
+    A kill mid-write can leave a torn last line: it is dropped with a note. A malformed line before
+    the last is not a crash artefact and raises a `ValueError` naming it.
+    """
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", -1) <= last_step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    kept = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                print(f"note: {path}: dropped a torn last line (a crash mid-write): {line[:60]!r}", flush=True)
+                break
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg}); only a torn last line is "
+                             f"dropped on resume") from None
+        if not isinstance(row, dict) or row.get("step", -1) <= last_step:
+            kept.append(line)
+    path.write_text("".join(ln + "\n" for ln in kept))
 
 
 class Tracker:

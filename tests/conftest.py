@@ -36,3 +36,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     toy.build_model(tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+SLOW_FILES = {"test_learning.py"}
+"""Test files whose every test is marked `slow`: full 60-step trainings (about 12 minutes on 2 CPU cores)."""
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: full training runs (tests/test_learning.py, about 12 minutes on 2 CPU "
+                                       "cores); deselect with -m \"not slow\"")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)

