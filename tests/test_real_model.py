@@ -199,3 +199,9 @@ def test_script_runs_on_real_model(script, model_dir, tmp_path, monkeypatch):
 def test_all_five_scripts_are_covered():
     """The parametrization above follows the files; once all five exist, none may silently drop out."""
     assert SCRIPTS == ["grpo", "sd", "credit", "antisd", "hsd"], f"scripts found: {SCRIPTS}"
+
+
+def test_named_offline_model_resolves_to_the_converted_directory(model_dir):
+    from common.models import resolve_model_path
+
+    assert resolve_model_path("smollm2-135m") == str(model_dir)
