@@ -376,8 +376,8 @@ def main(args: Args) -> None:
             raise ValueError(f"the checkpoint in {run.out_dir} has no gate state: it was not written by antisd.py")
         gate.load_state_dict(run.extra["gate"])
     for step in range(run.start_step, args.total_steps):
+        metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
         t0 = time.perf_counter()
-        metrics = run.evaluate_before(step)
 
         # 1. Rollout and verify; GRPO group advantage A_i.
         batch = collect_batch(run)

@@ -165,8 +165,8 @@ def main(args: Args) -> None:
                                           args.overlong_cache)
 
     for step in range(run.start_step, args.total_steps):
+        metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
         t0 = time.perf_counter()
-        metrics = run.evaluate_before(step)
 
         # 1. Rollout: G completions per prompt, verified (DAPO: informative groups only).
         batch = collect_batch(run, shape_rewards if args.overlong_cache > 0 else None)

@@ -271,8 +271,8 @@ def main(args: Args) -> None:
     run = setup(args, "sd", teacher_weights=args.teacher, reference=args.beta > 0)
     logit = args.sd_loss == "logit"
     for step in range(run.start_step, args.total_steps):
+        metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
         t0 = time.perf_counter()
-        metrics = run.evaluate_before(step)
 
         # 1. Rollout and verify; GRPO group advantage A_i.
         batch = collect_batch(run)

@@ -155,6 +155,10 @@ class TrainArgs:
     """Samples per eval prompt (k of avg@k / pass@k)."""
     eval_temperature: float = 1.0
     """Eval sampling temperature (0 = greedy)."""
+    eval_max_new_tokens: int | None = None
+    """Token budget of an evaluation completion (default: --max-new-tokens)."""
+    eval_batch_prompts: int = 64
+    """Evaluation prompts generated together per batch (each with --eval-samples samples)."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     sample_every: int = 10
@@ -207,6 +211,9 @@ class TrainArgs:
         check(self.eval_size, "eval_size", low=1)
         check(self.eval_samples, "eval_samples", low=1)
         check(self.eval_temperature, "eval_temperature", low=0, why="0 is greedy decoding")
+        if self.eval_max_new_tokens is not None:
+            check(self.eval_max_new_tokens, "eval_max_new_tokens", low=1)
+        check(self.eval_batch_prompts, "eval_batch_prompts", low=1)
         check(self.save_every, "save_every", low=0)
         check(self.sample_every, "sample_every", low=0)
 

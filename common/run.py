@@ -3,6 +3,7 @@ tracking, evaluation, checkpoints."""
 from __future__ import annotations
 
 import copy
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ def prompt_fits(tokenizer, examples: list[Example], max_tokens: int, enable_thin
     lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False).input_ids]
     kept = [e for e, n in zip(examples, lengths) if n <= max_tokens]
     return kept, len(examples) - len(kept)
+
+
+def peak_memory() -> str:
+    """This process's peak resident memory (and the GPU's peak allocation when there is one), for the last line."""
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""
+    return f"peak RSS {rss_gib:.2f} GiB{gpu}"
 
 
 @dataclass
@@ -91,8 +99,9 @@ class Run:
         # (so --eval-every leaves the run unchanged), and every algorithm is evaluated with the same draws.
         with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
             torch.manual_seed(hash((a.seed, self.d.rank, step)) % 2**63)
-            metrics, table = evaluate(self.policy, self.tokenizer, self.eval_set, self.d, a.max_new_tokens, a.eval_samples,
-                                      a.eval_temperature, enable_thinking=a.enable_thinking)
+            metrics, table = evaluate(self.policy, self.tokenizer, self.eval_set, self.d,
+                                      a.eval_max_new_tokens or a.max_new_tokens, a.eval_samples, a.eval_temperature,
+                                      a.eval_batch_prompts, enable_thinking=a.enable_thinking)
         self.tracker.samples(step, [{"split": "eval", **row} for row in table])
         return {**metrics, "perf/eval_s": time.perf_counter() - t0}
 
@@ -102,8 +111,10 @@ class Run:
                         {"sampler": self.sampler.state_dict(), **(extra or {})}, self.teacher)
 
     def close(self) -> None:
-        """Finish tracking and leave the process group; exit non-zero if every update of this run was skipped."""
+        """Finish tracking, report the peak memory, leave the process group; exit non-zero if every update was skipped."""
         self.tracker.finish()
+        if self.d.is_main:
+            print(f"done: {self.steps_run} step(s) in {time.perf_counter() - self.started:.0f}s; {peak_memory()}", flush=True)
         cleanup()
         if self.skipped_updates and self.d.is_main:
             print(f"warning: {self.skipped_updates} update(s) skipped for a non-finite gradient norm "
@@ -127,10 +138,10 @@ class Run:
         a, mask = self.args, batch.rollout.completion_mask.float()
         metrics |= batch_metrics(self, batch, advantages.cpu())
         metrics["policy/entropy"] = (all_reduce((entropy * mask).sum()) / all_reduce(mask.sum())).item()
+        metrics["perf/step_s"] = time.perf_counter() - t0  # training only: evaluation is perf/eval_s
+        metrics["perf/tokens_per_s"] = float(all_reduce(mask.sum())) / metrics["perf/step_s"]
         if step == a.total_steps - 1 and self.is_eval_step(step):
             metrics |= self.evaluate(step)  # the last step reports the final policy
-        metrics["perf/step_s"] = time.perf_counter() - t0
-        metrics["perf/tokens_per_s"] = float(all_reduce(mask.sum())) / metrics["perf/step_s"]
         if a.sample_every > 0 and step % a.sample_every == 0:
             self.tracker.samples(step, [{"split": "train", "prompt": e.prompt, "completion": t, "reward": float(r)}
                                         for e, t, r in list(zip(batch.examples, batch.rollout.texts, batch.rewards))[:4]])

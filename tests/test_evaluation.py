@@ -33,3 +33,27 @@ def test_evaluate_matches_explicit_count(samples, temperature):
         assert metrics[f"eval/pass@{samples}"] == pytest.approx(passed / len(examples))
         assert metrics[f"eval/pass@{samples}"] >= metrics["eval/accuracy"]
     assert 0 < metrics["eval/accuracy"] < 1 and len(table) == 4
+
+
+def test_eval_knobs_and_timing_apart_from_the_step(tiny_model_dir, tmp_path, capsys):
+    """--eval-max-new-tokens bounds evaluation alone; perf/step_s excludes evaluation; the last line has the peak RSS."""
+    import json
+
+    import tyro
+
+    import grpo
+
+    out = tmp_path / "r"
+    grpo.main(tyro.cli(grpo.Args, args=["--model", str(tiny_model_dir), "--output-dir", str(out), "--total-steps", "2",
+                                        "--num-prompts", "2", "--group-size", "2", "--max-new-tokens", "12",
+                                        "--eval-size", "3", "--eval-every", "1", "--eval-samples", "1",
+                                        "--eval-max-new-tokens", "5", "--eval-batch-prompts", "2"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("perf/eval_s" in r and r["perf/step_s"] > 0 for r in rows)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    evals = [s for s in samples if s["split"] == "eval"]
+    train = [s for s in samples if s["split"] == "train"]
+    assert evals and train
+    # Byte-level toy tokenizer: a token decodes to at most one character (bytes of invalid UTF-8 become one U+FFFD each).
+    assert max(len(s["completion"]) for s in evals) <= 5 < max(len(s["completion"]) for s in train)
+    assert "peak RSS" in capsys.readouterr().out.strip().splitlines()[-1]
