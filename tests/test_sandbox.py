@@ -19,9 +19,11 @@ TIMEOUT_S = 2.0
 IS_ROOT = os.geteuid() == 0
 TESTS = ["assert f() == 1"]
 
-# What a determined program does first: re-import the modules the sandbox replaced by stubs.
+# What a determined program does first: drop the sandbox's import hook and re-import the modules whose
+# dangerous calls it replaced by stand-ins, to call libc directly. Only the kernel's isolation is left then.
 UNSTUB = """
 import sys
+sys.meta_path[:] = [finder for finder in sys.meta_path if finder.__module__.startswith("_frozen_importlib")]
 for name in ("ctypes", "_ctypes", "socket", "_socket"):
     sys.modules.pop(name, None)
 import ctypes
@@ -37,20 +39,24 @@ if child == 0:
     time.sleep(1000)
 time.sleep(0.2)
 def f(): return 0
-raise SystemExit("forked" if child > 0 else "fork failed")
+raise SystemExit("forked" if child > 0 else "fork failed")  # failed: the seccomp filter
 """
 
+# A stand-in's error: the call was refused in the program's process, before anything happened.
+REFUSED = r"PermissionError: sandbox: {} is not allowed"
+
 # name -> (program, feedback regex, root only). f() == 1 holds only where the program escaped, and
-# $placeholders are filled per test. Root-only cases are contained by the per-run uid or the PID
-# namespace; without root the latter needs user namespaces, and where the host forbids them these
-# programs would really kill the test process or leave a process behind, so they are skipped.
+# $placeholders are filled per test. Root-only cases are contained by the seccomp filter (where the
+# machine has it), the per-run uid or the PID namespace; without root the latter needs user namespaces,
+# and where the host forbids them and lacks seccomp these programs would really kill the test process or
+# leave a process behind, so they are skipped.
 HOSTILE = {
     "fork_bomb": ("""
         import os
         def f(): return 1
         while True:
             os.fork()
-        """, r"PermissionError: operation not permitted in the sandbox", False),
+        """, REFUSED.format(r"os\.fork") + r" \(no new processes\)", False),
     "fork_bomb_unstubbed": (UNSTUB + textwrap.dedent("""
         def f(): return 1
         while True:
@@ -128,30 +134,151 @@ HOSTILE = {
             return "hunter2" in text
         def f(): return 1 if seen() else 0
         """, r"assert f\(\) == 1", False),
-    "socket_import": ("""
+    "socket_connect": ("""
         import socket
         def f(): return 1
-        """, r"ModuleNotFoundError: import of socket halted", False),
+        socket.socket().connect(("127.0.0.1", $port))
+        """, REFUSED.format(r"socket\.socket") + r" \(no network", False),
+    "socket_create_connection": ("""
+        from socket import create_connection
+        def f(): return 1
+        create_connection(("127.0.0.1", $port), timeout=1)
+        """, REFUSED.format(r"socket\.socket"), False),
+    "socket_raw_extension": ("""
+        import _socket
+        def f(): return 1
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        s.settimeout(1)
+        s.connect(("127.0.0.1", $port))
+        """, r"PermissionError|OSError", False),  # the seccomp filter; else the network namespace
     "socket_connect_unstubbed": (UNSTUB + textwrap.dedent("""
         import socket
         def f(): return 1
         socket.create_connection(("127.0.0.1", $port), timeout=1)
-        """), r"OSError", False),
+        """), r"PermissionError|OSError", False),
+    "asyncio_open_connection": ("""
+        import asyncio
+        def f(): return 1
+        asyncio.run(asyncio.open_connection("127.0.0.1", $port))
+        """, REFUSED.format(r"socket\.socket"), False),
     "os_system": ("""
         import os
         def f(): return 1
         os.system("touch $escape")
-        """, r"PermissionError", False),
+        """, REFUSED.format(r"os\.system") + r" \(no new processes\)", False),
+    "os_popen": ("""
+        import os
+        def f(): return 1
+        os.popen("touch $escape").read()
+        """, REFUSED.format(r"os\.popen"), False),
+    "os_posix_spawn": ("""
+        import os
+        def f(): return 1
+        os.posix_spawn("/usr/bin/touch", ["touch", "$escape"], {})
+        """, REFUSED.format(r"os\.posix_spawn"), False),
+    "os_execv": ("""
+        import os
+        def f(): return 1
+        os.execv("/usr/bin/touch", ["touch", "$escape"])
+        """, REFUSED.format(r"os\.execv"), False),
+    "pty_fork": ("""
+        import pty
+        def f(): return 1
+        pty.fork()
+        """, REFUSED.format(r"os\.fork"), False),
     "subprocess_run": ("""
         import subprocess
         def f(): return 1
         subprocess.run(["touch", "$escape"])
-        """, r"ModuleNotFoundError: import of subprocess halted", False),
+        """, REFUSED.format(r"subprocess\.Popen") + r" \(no new processes\)", False),
+    "subprocess_check_output_imported": ("""
+        from subprocess import check_output
+        def f(): return 1
+        check_output(["echo", "hi"])
+        """, REFUSED.format(r"subprocess\.Popen"), False),
+    "subprocess_fork_exec": ("""
+        import _posixsubprocess
+        def f(): return 1
+        _posixsubprocess.fork_exec()
+        """, REFUSED.format(r"_posixsubprocess\.fork_exec"), False),
+    "asyncio_subprocess": ("""
+        import asyncio
+        def f(): return 1
+        asyncio.run(asyncio.create_subprocess_exec("touch", "$escape"))
+        """, REFUSED.format(r"subprocess\.Popen"), False),
+    "multiprocessing_process": ("""
+        import multiprocessing
+        def touch(): open("$escape", "w").write("pwned")
+        def f(): return 1
+        multiprocessing.Process(target=touch).start()
+        """, REFUSED.format(r"multiprocessing\.Process\.start") + r" \(no new processes\)", False),
+    "multiprocessing_pool": ("""
+        from multiprocessing import Pool
+        def f(): return 1
+        with Pool(2) as pool:
+            pool.map(abs, [1, 2])
+        """, REFUSED.format(r"multiprocessing\.Process\.start"), False),
+    "process_pool_executor": ("""
+        from concurrent.futures import ProcessPoolExecutor
+        def f(): return 1
+        with ProcessPoolExecutor(2) as pool:
+            pool.submit(abs, 1).result()
+        """, REFUSED.format(r"multiprocessing\.Process\.start"), False),
+    "ctypes_cdll_kill": ("""
+        import ctypes, os
+        def f(): return 1
+        ctypes.CDLL(None).kill(os.getppid(), 9)
+        """, REFUSED.format(r"ctypes\.CDLL") + r" \(no foreign code\)", False),
+    "ctypes_load_library": ("""
+        import ctypes
+        def f(): return 1
+        ctypes.cdll.LoadLibrary("libc.so.6").system(b"touch $escape")
+        """, REFUSED.format(r"ctypes\.CDLL"), False),
+    "ctypes_pythonapi": ("""
+        import ctypes
+        def f(): return 1
+        ctypes.pythonapi.PyRun_SimpleString(b"import os; os.system('touch $escape')")
+        """, REFUSED.format(r"ctypes\.pythonapi"), False),
+    "ctypes_dlopen": ("""
+        import _ctypes
+        def f(): return 1
+        _ctypes.dlopen("libc.so.6")
+        """, r"PermissionError: sandbox: loading a library with ctypes is not allowed", False),
+    "ctypes_function_at_address": ("""
+        import ctypes
+        def f(): return 1
+        address = ctypes.cast(ctypes.memmove, ctypes.c_void_p).value
+        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p)(address)(b"touch $escape")
+        """, REFUSED.format(r"a ctypes function at an address or in a library"), False),
+    "ctypes_function_by_name": ("""
+        import ctypes
+        class Libc:
+            _handle = 0
+        def f(): return 1
+        ctypes.CFUNCTYPE(ctypes.c_int)(("fork", Libc()))()
+        """, REFUSED.format(r"a ctypes function at an address or in a library"), False),
+    "ctypes_reimported": ("""
+        import sys
+        for name in ("ctypes", "_ctypes"):
+            sys.modules.pop(name, None)
+        import ctypes
+        def f(): return 1
+        ctypes.CDLL(None).system(b"touch $escape")
+        """, REFUSED.format(r"ctypes\.CDLL"), False),  # the import hook patches it again
+    "libc_system_unstubbed": (UNSTUB + textwrap.dedent("""
+        def f(): return 0
+        libc.system(b"touch $escape $shared_tmp")
+        """), r"assert f\(\) == 1", False),  # the seccomp filter; else the read-only mounts and the tmpfs
     "kill_parent": ("""
         import os
         def f(): return 1
         os.kill(os.getppid(), 9)
-        """, r"PermissionError", False),
+        """, REFUSED.format(r"os\.kill of another process") + r" \(no signals to other processes\)", False),
+    "killpg_own_group": ("""
+        import os
+        def f(): return 1
+        os.killpg(0, 9)
+        """, REFUSED.format(r"os\.killpg"), False),
     "kill_parent_unstubbed": (UNSTUB + textwrap.dedent("""
         import os
         def f(): return 0
@@ -199,9 +326,9 @@ HOSTILE = {
                     pass
         os._exit(0)
         """, r"exited with code 0 before reporting results|broke the test protocol", False),  # it hits our pipe too
-    "background_child": (BACKGROUND_CHILD.replace("ESCAPE_GROUP", "pass"), r"SystemExit: forked", False),
+    "background_child": (BACKGROUND_CHILD.replace("ESCAPE_GROUP", "pass"), r"SystemExit: (forked|fork failed)", False),
     "escaped_background_child": (BACKGROUND_CHILD.replace("ESCAPE_GROUP", "libc.setsid()"),
-                                 r"SystemExit: forked", True),
+                                 r"SystemExit: (forked|fork failed)", True),
 }
 
 
@@ -546,6 +673,66 @@ GENUINE = {
             def __str__(self): return "bob"
         def make(): return Name()
         """, ["assert LIMIT == 10", "assert str(make()) == 'bob' and f'{make()}' == 'bob'"]),
+    # Modules whose dangerous calls are refused import normally, and their harmless parts work.
+    "imports_subprocess": ("""
+        import subprocess
+        from subprocess import CalledProcessError, list2cmdline
+        def quote(args): return subprocess.list2cmdline(args)
+        def failed(): return str(CalledProcessError(1, "x"))
+        """, ["assert quote(['a', 'b c']) == 'a \"b c\"'", "assert 'exit status 1' in failed()"]),
+    "imports_socket": ("""
+        import socket
+        from socket import AF_INET, inet_aton
+        def constants(): return (int(AF_INET), socket.htons(1), inet_aton("1.2.3.4"))
+        def echo(data):
+            a, b = socket.socketpair()
+            with a, b:
+                a.sendall(data)
+                return b.recv(len(data))
+        """, ["assert constants() == (2, 256, bytes([1, 2, 3, 4]))", "assert echo(b'hi') == b'hi'"]),
+    "imports_asyncio": ("""
+        import asyncio
+        async def double(x):
+            await asyncio.sleep(0)
+            return 2 * x
+        async def doubles(xs): return await asyncio.gather(*(double(x) for x in xs))
+        async def in_thread(xs): return await asyncio.to_thread(sum, xs)
+        def run(xs): return asyncio.run(doubles(xs))
+        def total(xs): return asyncio.run(in_thread(xs))
+        """, ["assert run([1, 2, 3]) == [2, 4, 6]", "assert total([1, 2]) == 3"]),
+    "imports_multiprocessing": ("""
+        import multiprocessing
+        from multiprocessing.pool import ThreadPool
+        CPUS = multiprocessing.cpu_count()
+        def absolutes(xs):
+            with ThreadPool(2) as pool:
+                return pool.map(abs, xs)
+        """, ["assert CPUS >= 1", "assert absolutes([-1, 2, -3]) == [1, 2, 3]"]),
+    "imports_ctypes": ("""
+        import ctypes
+        from ctypes import Structure, c_double, c_int
+        class Point(Structure):
+            _fields_ = [("x", c_int), ("y", c_double)]
+        increment = ctypes.CFUNCTYPE(c_int, c_int)(lambda x: x + 1)  # a Python callback
+        def data():
+            buf = ctypes.create_string_buffer(4)
+            ctypes.memmove(buf, b"abc", 3)
+            return (c_int(3).value, Point(1, 2.5).y, list((c_int * 3)(1, 2, 3)), buf.value, ctypes.sizeof(c_int))
+        def call(x): return increment(x)
+        """, ["assert data() == (3, 2.5, [1, 2, 3], b'abc', 4)", "assert call(2) == 3"]),
+    "threads_and_own_signals": ("""
+        import os, signal, threading
+        from concurrent.futures import ThreadPoolExecutor
+        def squares(xs):
+            with ThreadPoolExecutor(2) as pool:
+                return list(pool.map(lambda x: x * x, xs))
+        def signalled():
+            got = []
+            signal.signal(signal.SIGUSR1, lambda *args: got.append(1))
+            os.kill(os.getpid(), signal.SIGUSR1)
+            signal.raise_signal(signal.SIGUSR1)
+            return len(got)
+        """, ["assert squares([1, 2, 3]) == [1, 4, 9]", "assert signalled() == 2"]),
 }
 
 
@@ -554,6 +741,41 @@ def test_genuine_program_passes(name):
     program, tests = GENUINE[name]
     v = code_verify(f"```python\n{textwrap.dedent(program)}\n```", tests)
     assert (v.reward, v.correct) == (1.0, True), v.feedback
+
+
+HAS_SECCOMP = os.uname().machine in ("x86_64", "aarch64") and "Seccomp:" in Path("/proc/self/status").read_text()
+
+
+@pytest.mark.skipif(not HAS_SECCOMP, reason="the seccomp filter covers x86_64 and aarch64 kernels with seccomp")
+def test_seccomp_refuses_libc_calls_that_undo_the_stand_ins(sandbox_tmp):
+    """With the Python stand-ins undone (UNSTUB), libc's own fork, exec, socket, kill, unshare and system fail in
+    the kernel with EPERM, while threads, socketpair and a signal to itself still work."""
+    program = UNSTUB + textwrap.dedent("""
+        import os, threading
+        libc = ctypes.CDLL(None, use_errno=True)
+        def attempt(call, *args):
+            ctypes.set_errno(0)
+            result = call(*args)
+            if call is libc.fork and result == 0:
+                os._exit(0)
+            return [result, ctypes.get_errno()]
+        DENIED = [attempt(libc.fork), attempt(libc.execv, b"/bin/true", None), attempt(libc.socket, 2, 1, 0),
+                  attempt(libc.socket, 1, 1, 0), attempt(libc.kill, os.getppid(), 0), attempt(libc.kill, 1, 0),
+                  attempt(libc.kill, 0, 0), attempt(libc.unshare, 0x40000000), attempt(libc.setsid)]
+        SYSTEM = attempt(libc.system, b"true")
+        pair = (ctypes.c_int * 2)()
+        ALLOWED = [attempt(libc.kill, os.getpid(), 0), attempt(libc.socketpair, 1, 1, 0, pair)]
+        thread = threading.Thread(target=ALLOWED.append, args=([7, 0],))
+        thread.start()
+        thread.join()
+        MODE = [line.split()[1] for line in open("/proc/self/status") if line.startswith("Seccomp:")]
+        """)
+    tests = ["assert MODE == ['2']", "assert DENIED == [[-1, 1]] * 9, DENIED",
+             "assert SYSTEM[0] != 0 and SYSTEM[1] == 1, SYSTEM",  # posix_spawn's clone failed: no shell ran
+             "assert ALLOWED == [[0, 0], [0, 0], [7, 0]], ALLOWED"]
+    v = code_verify(f"```python\n{program}\n```", tests, timeout_s=TIMEOUT_S)
+    assert (v.reward, v.correct) == (1.0, True), v.feedback
+    assert list(sandbox_tmp.iterdir()) == []
 
 
 def test_program_objects_compare_only_to_themselves():
