@@ -58,9 +58,16 @@ def diagnostics_of(algorithm: str) -> list[str]:
     return DIAGNOSTICS.get(CONFIGS[algorithm][0], [])
 
 
-def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> list[dict]:
-    """Train one algorithm for one seed in a subprocess; returns its metrics rows."""
+def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str],
+            reuse: bool = False) -> list[dict]:
+    """Train one algorithm for one seed in a subprocess (or, with `reuse`, read a finished run); returns its rows."""
     run_dir = out / "runs" / f"{algorithm}-{seed}"
+    done = run_dir / "metrics.jsonl"
+    if reuse and done.exists():
+        rows = [json.loads(line) for line in done.read_text().splitlines() if line.strip()]
+        if len(rows) == steps:
+            print(f"{algorithm:>7} seed {seed}: reused ({rows[-1]['eval/accuracy']:.3f})", flush=True)
+            return rows
     script, flags = CONFIGS[algorithm]
     cmd = [sys.executable, str(ROOT / f"{script}.py"), *flags, "--seed", str(seed), "--total-steps", str(steps),
            "--eval-every", str(eval_every), "--output-dir", str(run_dir), "--overwrite", *extra]
@@ -135,10 +142,17 @@ def plot(results: dict[str, dict[int, list[dict]]], out: Path, eval_label: str) 
 
 
 def diagnostic_means(rows: list[dict], keys: list[str]) -> dict[str, float]:
-    """Mean over the run of each diagnostic, skipping steps where it is absent or NaN."""
+    """Mean over the run of each diagnostic, skipping steps where it is absent or NaN.
+
+    A key and its `_answer_only` twin (HSD's two teachers) are averaged over the steps that have both,
+    so that they compare the same rows.
+    """
     out = {}
     for key in keys:
-        values = [r[key] for r in rows if key in r and r[key] == r[key]]
+        base = key.removesuffix("_answer_only")
+        paired = base + "_answer_only" in keys and base in keys
+        values = [r[key] for r in rows if key in r and r[key] == r[key]
+                  and (not paired or (base in r and base + "_answer_only" in r))]
         out[key] = statistics.mean(values) if values else float("nan")
     return out
 
@@ -156,6 +170,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time (one thread each)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--quick", action="store_true", help="one seed, 3 steps, small eval: a pipeline check")
+    p.add_argument("--reuse", action="store_true", help="read runs already finished under --out instead of re-running "
+                                                         "them (continues an interrupted benchmark)")
     p.add_argument("extra", nargs="*", help="flags passed to every script (after --)")
     a = p.parse_args()
     extra = list(a.extra)
@@ -165,7 +181,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = [(alg, seed) for alg in a.algorithms for seed in a.seeds]
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        done = pool.map(lambda job: run_one(*job, a.steps, a.eval_every, a.out, extra), jobs)
+        done = pool.map(lambda job: run_one(*job, a.steps, a.eval_every, a.out, extra, a.reuse), jobs)
         results: dict[str, dict[int, list[dict]]] = {}
         for (alg, seed), rows in zip(jobs, done):
             results.setdefault(alg, {})[seed] = rows

@@ -26,3 +26,9 @@ def test_compare_quick_pipeline(tmp_path):
     assert ("hsd-frame", "hsd/credit_mass_near_div") in diagnostics
     for png in ("curves.png", "diagnostics.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --reuse reads the finished runs back instead of training again: the same summary, no new run.
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--quick", "--reuse", "--out", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reused") == len(summary)
+    assert list(csv.DictReader((tmp_path / "summary.csv").open())) == summary
