@@ -1,7 +1,9 @@
 """Anti-Self-Distillation (AntiSD): ascend the divergence from the policy's own answer-conditioned teacher.
 
 Paper: Shen et al. 2026, "Anti-Self-Distillation for Reasoning RL via Pointwise Mutual Information"
-(arXiv 2605.11609). See docs/antisd.md; the SD frame is sd.py's (AntiSD §2, Eq. 2).
+(arXiv 2605.11609). Source status: PRIMARY (the paper's equations and hyperparameters). See
+docs/antisd.md. AntiSD's own form is the SD frame (AntiSD §2, Eq. 2), so its default recipe is the
+frame: the GRPO advantage plus a token credit, PPO clip, no KL, one update per batch.
 
 Idea: the SD token credit u_t is a pMI increment: it is high where knowing the answer makes a token
 likely (shortcuts to a known result) and negative where the answer does not explain the token (the
@@ -85,8 +87,8 @@ class Args(TrainArgs):
     """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
     eps_low: float = 0.2
     """Lower clip range of the ratio."""
-    eps_high: float = 0.28
-    """Upper clip range of the ratio (DAPO clip-higher)."""
+    eps_high: float = 0.2
+    """Upper clip range of the ratio (AntiSD: PPO clip 0.2; 0.28 is DAPO's clip-higher)."""
     beta: float = 0.0
     """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
     grpo_coef: float = 1.0
@@ -248,12 +250,12 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distille
 
 
 def phi(u: torch.Tensor) -> torch.Tensor:
-    """phi(u) = 0.5 * (softplus(u) - log 2) (§2.3); F.softplus is linear above 20, so no exp overflow."""
+    """phi(u) = 0.5 * (softplus(u) - log 2); F.softplus is linear above 20, so no exp overflow."""
     return 0.5 * (F.softplus(u) - math.log(2.0))
 
 
 def antisd_credit(u: torch.Tensor, divergence: str = "jsd") -> torch.Tensor:
-    """delta = -phi(u) (JSD ascent, bounded above by 0.5 log 2) or -u (reverse-KL ascent) (§2.3)."""
+    """delta = -phi(u) (JSD ascent, bounded above by 0.5 log 2) or -u (reverse-KL ascent)."""
     return -phi(u) if divergence == "jsd" else -u
 
 
@@ -269,7 +271,7 @@ def histogram_median(counts: torch.Tensor) -> float:
 
 @dataclass
 class EntropyGate:
-    """The entropy-triggered switch g (§2.3): warm-up with g=0 recording H_warm, then a Schmitt trigger.
+    """The entropy-triggered switch g: warm-up with g=0 recording H_warm, then a Schmitt trigger.
 
     On -> off when H < down * H_warm, off -> on when H >= H_warm; in between g keeps its value, so a
     median hovering near one threshold cannot make it chatter.

@@ -14,8 +14,8 @@ teacher re-scored with the problem swapped for an unrelated prompt x' of the sam
     R_t(v) = log T_t(v) - log S_t(v) - lam * G_t(v)                        (vocabulary-level reward, Eq. 8)
     L      = lam_sd * mean_t w_t KL(S_t || Q_t),  Q_t(v) ∝ T_t(v) exp(-lam G_t(v))   (reverse-KL distillation)
 
-Minimising KL(S || Q) is ascending E_S[R] plus the student's entropy: the reward R drives SDPO's
-distillation gradient. There is no GRPO term (GRPO and SDPO are the paper's baselines); at lam = 0
+KL(S || Q) = -E_S[R] + log Z with Z the normaliser of Q, which does not depend on the student: minimising
+it ascends the expected vocabulary-level reward, so R drives SDPO's distillation gradient. There is no GRPO term (GRPO and SDPO are the paper's baselines); at lam = 0
 this is SDPO's loss, which `sd.py --sd-loss logit --topk-from teacher --jsd-alpha 1 --topk 20
 --grpo-coef 0 --teacher ema --ema-rate 0.01` reproduces bit for bit (test).
 

@@ -13,7 +13,7 @@ relative to its group as the advantage of every one of its tokens in a PPO clipp
 aggregated per `--loss-agg`: `sequence` (GRPO: token mean per row, then row mean), `token` (DAPO:
 sum over all tokens / their count) or `constant` (Dr. GRPO: sum / (rows * max_new_tokens)).
 
-Presets (`--preset`; see docs/grpo.md) set these fields:
+Presets (`--preset`; see docs/grpo.md) set these fields, except those given on the command line:
     grpo     adv-scale group, loss-agg sequence, eps 0.2/0.2, beta 0.04
     dr-grpo  adv-scale none,  loss-agg constant, eps 0.2/0.2, beta 0
     dapo     adv-scale group, loss-agg token,    eps 0.2/0.28, beta 0, dynamic sampling, overlong shaping
@@ -51,7 +51,7 @@ class Args(TrainArgs):
     """GRPO / Dr. GRPO / DAPO: group-relative advantages in a PPO clipped surrogate, on the embedded toy task by default."""
 
     preset: Literal["none", "grpo", "dr-grpo", "dapo"] = "none"
-    """Named loss preset; overrides the loss fields below (see the module docstring)."""
+    """Named loss preset: sets the loss fields below that the command line leaves at their defaults."""
     adv_scale: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
     loss_agg: Literal["sequence", "token", "constant"] = "token"
@@ -74,9 +74,11 @@ class Args(TrainArgs):
 
 
 def apply_preset(args: Args) -> Args:
-    """Copy the named preset's values onto `args`."""
+    """Copy the named preset's values onto `args`, except onto fields the command line moved off their defaults."""
+    defaults = Args()
     for key, value in PRESETS.get(args.preset, {}).items():
-        setattr(args, key, value)
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
     return args
 
 

@@ -1,15 +1,16 @@
 """On-policy self-distillation (SD): the policy, shown privileged context, is its own token-level teacher.
 
 Papers: OPSD, Zhao et al. 2026, "Self-Distilled Reasoner" (arXiv 2601.18734); SDPO, Hübotter et al.
-2026, "Reinforcement Learning via Self-Distillation" (arXiv 2601.20802). The frame below is the one
-shared by the SD family (AntiSD §2, Eq. 2); credit.py, antisd.py and hsd.py change only its context c
-or its credit delta.
+2026, "Reinforcement Learning via Self-Distillation" (arXiv 2601.20802). Source status: PRIMARY for the
+sampled-token (token) and top-k logit forms of SDPO and the frame of AntiSD §2, Eq. 2. The default is
+that shared frame, which every SD script offers by flags for a comparison on one footing; the other
+scripts' defaults are their own papers' recipes. See docs/sd.md.
 
 Idea: roll out and verify as in GRPO; then let the same network score the same completion tokens after
 a teacher prompt that also holds privileged context c (a reference solution or the answer, plus
 feedback on the attempt). Where the teacher likes a token more than the student did, push it up:
 
-    u_t     = log pi_T(y_t | x, c, y_<t) - log pi_old(y_t | x, y_<t)       (token log-ratio, §0)
+    u_t     = log pi_T(y_t | x, c, y_<t) - log pi_old(y_t | x, y_<t)       (token log-ratio)
     sum_t u_t = log pi(y | x, c) - log pi(y | x) = pMI(y; c | x)          (identity, shared weights)
     token mode (default):  A_t = A_i + lam * u_t                          (AntiSD Eq. 1-3; SDPO token mode)
     logit mode:            L = L_GRPO + lam_sd * mean_t w_t D_alpha(pS || pT)   (SDPO / OPSD)

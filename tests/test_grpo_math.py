@@ -81,3 +81,6 @@ def test_presets_set_fields():
     a = apply_preset(Args(preset="dapo"))
     assert (a.loss_agg, a.eps_high, a.dynamic_sampling) == ("token", 0.28, True)
     assert apply_preset(Args()).loss_agg == "token" and set(PRESETS) == {"grpo", "dr-grpo", "dapo"}
+    # An explicit flag wins over the preset (README's DAPO recipe sets its own overlong cache).
+    a = apply_preset(Args(preset="dapo", overlong_cache=512, max_new_tokens=4096))
+    assert (a.overlong_cache, a.dynamic_sampling, a.eps_high) == (512, True, 0.28)

@@ -32,7 +32,7 @@ CONFIGS = {
     "sd-logit": ("sd", ["--sd-loss", "logit"]),
     "sd-ema": ("sd", ["--teacher", "ema"]),
     "credit": ("credit", ["--sd-loss", "token", "--grpo-coef", "1", "--contrast-weight", "0.5", "--teacher", "current"]),
-    "antisd": ("antisd", ["--gate-warmup-steps", "1", "--peer", "first"]),
+    "antisd": ("antisd", ["--gate-warmup-steps", "1", "--peer", "first", "--eps-high", "0.28"]),
     "hsd": ("hsd", ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0", "--diagnostics-every", "1"]),
 }
 
