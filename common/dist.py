@@ -110,6 +110,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group."""
+    """Leave the process group, once every rank has got here (a rank tearing gloo down while another still
+    talks to it can abort the process)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -39,11 +39,11 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 
 SLOW_FILES = {"test_learning.py"}
-"""Test files whose every test is marked `slow`: full 60-step trainings (about 12 minutes on 2 CPU cores)."""
+"""Test files whose every test is marked `slow`: full 60-step trainings (most of the suite's time)."""
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: full training runs (tests/test_learning.py, about 12 minutes on 2 CPU "
+    config.addinivalue_line("markers", "slow: full training runs (tests/test_learning.py, most of the suite's time on 2 CPU "
                                        "cores); deselect with -m \"not slow\"")
 
 
