@@ -148,6 +148,13 @@ class TrainArgs:
     """Token positions per chunk when turning hidden states into log-probs (bounds logits memory)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (real models; off during generation)."""
+    lora_rank: int = 0
+    """LoRA rank (peft): train only low-rank adapters; the base weights, with adapters off, are the KL reference and
+    an `initial` teacher (no second copy). 0 trains every weight."""
+    lora_alpha: float | None = None
+    """LoRA scaling alpha (the update is alpha / rank x B A; default: twice the rank, as OPSD's r=64, alpha=128)."""
+    lora_targets: str = "all-linear"
+    """Modules that get adapters: `all-linear` (every linear layer but the LM head) or names, e.g. `q_proj,v_proj`."""
 
     # evaluation and logging
     eval_every: int = 10
@@ -217,6 +224,11 @@ class TrainArgs:
         if self.eval_max_new_tokens is not None:
             check(self.eval_max_new_tokens, "eval_max_new_tokens", low=1)
         check(self.eval_batch_prompts, "eval_batch_prompts", low=1)
+        check(self.lora_rank, "lora_rank", low=0)
+        if self.lora_alpha is not None:
+            check(self.lora_alpha, "lora_alpha", low=0, low_open=True)
+        if not self.lora_targets.strip(" ,"):
+            fail("lora_targets", "all-linear or comma-separated module names", self.lora_targets)
         check(self.save_every, "save_every", low=0)
         check(self.sample_every, "sample_every", low=0)
 

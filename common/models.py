@@ -124,8 +124,70 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_policy(name: str, device: torch.device, gradient_checkpointing: bool = False) -> Policy:
-    """The policy in fp32 master weights (bf16 compute comes from FSDP2 mixed precision or autocast)."""
+def has_adapters(policy: nn.Module) -> bool:
+    """Whether the policy trains LoRA adapters (`--lora-rank` > 0) rather than all its weights."""
+    return hasattr(policy.lm, "peft_config")
+
+
+def add_lora(lm: nn.Module, rank: int, alpha: float, targets: str) -> None:
+    """Inject LoRA adapters in place (peft) and freeze every other weight.
+
+    `targets`: `all-linear` (every linear layer of the decoder, not the LM head) or comma-separated module
+    names (`q_proj,v_proj`). The adapters start at zero (B = 0), so the adapted model starts as the base model.
+    The model stays a plain transformers model (`lm.peft_config` holds the config), so scoring, generation and
+    FSDP2 see the same modules as without LoRA.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ImportError("--lora-rank needs peft: pip install peft") from None
+    modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        base_model_name_or_path=lm.config._name_or_path)
+    try:
+        inject_adapter_in_model(config, lm)
+    except ValueError as e:  # peft names the modules it could not find
+        raise ValueError(f"--lora-targets {targets}: {e}") from None
+    for name, param in lm.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def set_adapters(lm: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer of `lm` on or off (off: the base model's exact outputs)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in lm.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
+
+
+class WithoutAdapters(nn.Module):
+    """The policy with its LoRA adapters switched off: the initial model, sharing every weight (no second copy).
+
+    Used as the frozen reference of the KL term and as an `initial` teacher under `--lora-rank`; it scores only
+    (under no_grad), while the policy itself trains with its adapters on.
+    """
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.policy = policy
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.policy.lm
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        set_adapters(self.policy.lm, False)
+        try:
+            return self.policy(*args, **kwargs)
+        finally:
+            set_adapters(self.policy.lm, True)
+
+
+def load_policy(name: str, device: torch.device, gradient_checkpointing: bool = False, lora_rank: int = 0,
+                lora_alpha: float | None = None, lora_targets: str = "all-linear") -> Policy:
+    """The policy in fp32 master weights (bf16 compute comes from FSDP2 mixed precision or autocast); with
+    `lora_rank` > 0 only LoRA adapters of that rank train (`lora_alpha` defaults to twice the rank)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
@@ -133,6 +195,8 @@ def load_policy(name: str, device: torch.device, gradient_checkpointing: bool = 
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention_implementation())
     except OSError as e:
         raise FileNotFoundError(f"could not load model '{name}': {e}") from None
+    if lora_rank > 0:
+        add_lora(lm, lora_rank, lora_alpha if lora_alpha is not None else 2.0 * lora_rank, lora_targets)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Policy(lm).to(device)

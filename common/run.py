@@ -18,7 +18,7 @@ from common.data import HOLDOUT_FRACTION, DataError, PromptSampler, holdout_spli
 from common.example import Example
 from common.dist import Dist, all_reduce, cleanup, init_dist, shard
 from common.evaluation import evaluate
-from common.models import Policy, load_policy, load_tokenizer
+from common.models import Policy, WithoutAdapters, load_policy, load_tokenizer
 from common.prompts import render_prompts
 from common.tracking import Tracker
 
@@ -51,9 +51,10 @@ class Run:
     sampler: PromptSampler
     eval_set: list[Example]
     tracker: Tracker
-    teacher: Policy | None = None
-    """A separate teacher copy (EMA or frozen initial weights); None when the policy teaches itself."""
-    reference: Policy | None = None
+    teacher: Policy | WithoutAdapters | None = None
+    """A separate teacher copy (EMA or frozen initial weights; under LoRA the initial weights are the policy
+    without its adapters); None when the policy teaches itself."""
+    reference: Policy | WithoutAdapters | None = None
     """The frozen initial policy of the KL term (None without one)."""
     start_step: int = 0
     extra: dict = field(default_factory=dict)
@@ -108,7 +109,12 @@ class Run:
     def save(self, step: int, extra: dict | None = None) -> None:
         """Checkpoint after `step` completed steps (all ranks call)."""
         checkpoint.save(self.out_dir, self.policy, self.optimizer, self.tokenizer, step,
-                        {"sampler": self.sampler.state_dict(), **(extra or {})}, self.teacher)
+                        {"sampler": self.sampler.state_dict(), **(extra or {})}, self.saved_teacher)
+
+    @property
+    def saved_teacher(self) -> torch.nn.Module | None:
+        """The teacher weights a checkpoint holds: a separate copy, never the policy seen without adapters."""
+        return None if isinstance(self.teacher, WithoutAdapters) else self.teacher
 
     def close(self) -> None:
         """Finish tracking, report the peak memory, leave the process group; exit non-zero if every update was skipped."""
@@ -197,15 +203,21 @@ def setup(args: TrainArgs, script: str, teacher_weights: str = "current", refere
               file=sys.stderr, flush=True)
     seed_everything(args.seed + d.rank)
     tokenizer = load_tokenizer(args.model)
-    policy = load_policy(args.model, d.device, args.gradient_checkpointing)
-    teacher = copy.deepcopy(policy).requires_grad_(False).eval() if teacher_weights != "current" else None
+    policy = load_policy(args.model, d.device, args.gradient_checkpointing, args.lora_rank, args.lora_alpha,
+                         args.lora_targets)
+    # Under LoRA the initial weights are the policy with its adapters off: no copy for an `initial` teacher.
+    copied = teacher_weights == "ema" or teacher_weights == "initial" and not args.lora_rank
+    teacher = copy.deepcopy(policy).requires_grad_(False).eval() if copied else None
     policy, teacher = shard(policy, d), shard(teacher, d) if teacher is not None else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    if teacher_weights == "initial" and args.lora_rank:
+        teacher = WithoutAdapters(policy)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # the adapters only, under LoRA
+    optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=args.weight_decay)
     train, evals, skipped, source = load_splits(args, tokenizer)
     sampler = PromptSampler(train, args.seed + d.rank)
     start, extra = 0, {}
     if found is not None:
-        start, extra = checkpoint.load(found, policy, optimizer, teacher)
+        start, extra = checkpoint.load(found, policy, optimizer, None if isinstance(teacher, WithoutAdapters) else teacher)
         sampler.load_state_dict(extra["sampler"])
         if d.is_main:
             print(f"resumed from {found} at step {start}", flush=True)
@@ -215,11 +227,17 @@ def setup(args: TrainArgs, script: str, teacher_weights: str = "current", refere
     if d.is_main:
         print(f"{script}: {len(train)} train / {len(evals)} eval prompts ({skipped} over-long skipped; "
               f"{source}), "
-              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params, {d.world_size} rank(s), "
+              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params "
+              f"({sum(p.numel() for p in trained) / 1e6:.2f}M trained), {d.world_size} rank(s), "
               f"{d.device.type}; writing to {out_dir}", flush=True)
     frozen = None
     if reference:  # the frozen initial policy, sharing nothing with the trained weights (an `initial` teacher is one)
-        frozen = teacher if teacher_weights == "initial" else shard(load_policy(args.model, d.device).requires_grad_(False).eval(), d)
+        if teacher_weights == "initial":
+            frozen = teacher
+        elif args.lora_rank:
+            frozen = WithoutAdapters(policy)
+        else:
+            frozen = shard(load_policy(args.model, d.device).requires_grad_(False).eval(), d)
     run = Run(args, d, out_dir, tokenizer, policy, optimizer, sampler, evals, tracker, teacher, frozen, start, extra,
               skipped)
 
