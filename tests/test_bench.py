@@ -32,3 +32,14 @@ def test_compare_quick_pipeline(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reused") == len(summary)
     assert list(csv.DictReader((tmp_path / "summary.csv").open())) == summary
+
+
+def test_generation_benchmark_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "generation.py"), "--model", "toy", "--dataset", "toy",
+                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split("  ")[0].strip(): line for line in proc.stdout.splitlines()}
+    for stage in ("generate (prompts shared)", "generate (every row)", "update (fwd + bwd + AdamW)"):
+        ratio = float(lines[stage].split()[-1 if stage == "generate (every row)" else -4].rstrip("x"))
+        assert ratio > 0
+    assert "greedy tokens identical with and without" in proc.stdout
