@@ -102,7 +102,7 @@ def main() -> None:
 
         policy.train()
         t0 = time.perf_counter()
-        out = policy(r.input_ids, r.attention_mask, completion_len=T, group_size=G)
+        out = policy(r.input_ids, r.attention_mask, completion_len=T, share_prompts=True)
         (out["logprobs"] * r.completion_mask).sum().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -78,7 +78,7 @@ def score_rollout(run, batch: Batch, model: torch.nn.Module | None = None, **sta
     with run.d.autocast():
         return score_completions(model if model is not None else run.policy, r.prompt_ids, r.prompt_mask,
                                  r.completion_ids, r.completion_mask, temperature=a.temperature,
-                                 chunk_size=a.logprob_chunk, micro_rows=a.micro_batch_rows, group_size=a.group_size,
+                                 chunk_size=a.logprob_chunk, micro_rows=a.micro_batch_rows, share_prompts=True,
                                  **stats)
 
 

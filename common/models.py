@@ -37,20 +37,21 @@ class Policy(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
                 temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False, topk: int = 0,
-                gather_index: torch.Tensor | None = None, group_size: int = 1, return_hidden: bool = False,
+                gather_index: torch.Tensor | None = None, share_prompts: bool = False, return_hidden: bool = False,
                 **paired) -> dict[str, torch.Tensor]:
         """Stats for the last `completion_len` tokens of `input_ids` (left-padded prompt + completion).
 
-        With `group_size` G > 1 and every block of G consecutive rows holding the same prompt (a GRPO
-        group), each prompt runs once and its keys/values are repeated for the G completions.
+        `share_prompts`: rows whose prompts are identical (a GRPO group; SD teacher prompts that repeat) run
+        their prompt once, its keys/values selected for each of those rows (`shared_prompt_hidden`).
         `return_hidden` adds the detached final hidden states of those positions (`hidden` [B, T, H]);
         `paired` holds token_stats' `gather_topk` / `paired_*` arguments.
         """
         # Position ids from the mask, as generate() does, so a left-padded row scores like an unpadded one.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         T = completion_len
-        if group_size > 1 and self.shares_prompts(input_ids, attention_mask, T, group_size):
-            hidden = self.grouped_hidden(input_ids, attention_mask, position_ids, T, group_size)
+        groups = self.prompt_groups(input_ids, attention_mask, T) if share_prompts else None
+        if groups is not None:
+            hidden = self.shared_prompt_hidden(input_ids, attention_mask, position_ids, T, *groups)
         else:
             hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    use_cache=False).last_hidden_state[:, -T - 1:-1]
@@ -60,31 +61,42 @@ class Policy(nn.Module):
             out["hidden"] = hidden.detach()
         return out
 
-    def shares_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int, G: int) -> bool:
-        """Whether blocks of G rows share their prompt, and prefix sharing is safe for this module."""
+    def prompt_groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(first row of each distinct prompt, each row's distinct prompt) when some rows share a prompt and
+        sharing is safe for this module; None otherwise."""
         B, L = input_ids.shape
-        if B % G or T < 2 or L == T:
-            return False  # the completion pass needs a token before the last one, and a prompt to share
+        if T < 2 or L == T:
+            return None  # the completion pass needs a token before the last one, and a prompt to share
         if getattr(self.lm.model, "gradient_checkpointing", False):
-            return False  # HF turns the KV cache off under gradient checkpointing
+            return None  # HF turns the KV cache off under gradient checkpointing
         if any(hasattr(p, "device_mesh") for p in self.lm.lm_head.parameters()):
-            return False  # FSDP2-sharded: every layer runs once per forward, as FSDP2 schedules it
-        ids, mask = input_ids[:, :-T].view(B // G, G, -1), attention_mask[:, :-T].view(B // G, G, -1)
-        return bool((ids == ids[:, :1]).all() and (mask == mask[:, :1]).all())
+            return None  # FSDP2-sharded: every layer runs once per forward, as FSDP2 schedules it
+        prompts = torch.cat([input_ids[:, :-T], attention_mask[:, :-T].to(input_ids.dtype)], dim=1)
+        distinct, inverse = torch.unique(prompts, dim=0, return_inverse=True)
+        if len(distinct) == B:
+            return None
+        first = torch.full((len(distinct),), B, dtype=torch.long, device=input_ids.device)
+        first.scatter_reduce_(0, inverse, torch.arange(B, device=input_ids.device), reduce="amin")
+        rank = torch.empty_like(first)
+        rank[first.argsort()] = torch.arange(len(first), device=first.device)  # distinct prompts in row order
+        return first.sort().values, rank[inverse]
 
-    def grouped_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                       T: int, G: int) -> torch.Tensor:
-        """Hidden states that predict the last T tokens, running each group's prompt once (KV repeated G times)."""
+    def shared_prompt_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                             T: int, first: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """Hidden states that predict the last T tokens, running each distinct prompt once (rows `first`) and
+        giving row i the keys/values of prompt `owner[i]`."""
         name = cache_kwarg(type(self.lm.model))
-        prompt = self.lm.model(input_ids=input_ids[::G, :-T], attention_mask=attention_mask[::G, :-T],
-                               position_ids=position_ids[::G, :-T], use_cache=True)
+        prompt = self.lm.model(input_ids=input_ids[first, :-T], attention_mask=attention_mask[first, :-T],
+                               position_ids=position_ids[first, :-T], use_cache=True)
         cache = prompt[name]
-        cache.batch_repeat_interleave(G)  # differentiable: gradients flow back into the shared prompt
+        for layer in cache.layers:  # differentiable: gradients flow back into the shared prompt
+            layer.keys, layer.values = layer.keys[owner], layer.values[owner]
         # The last completion token predicts nothing, so the completion pass stops one token short.
         completion = self.lm.model(input_ids=input_ids[:, -T:-1], attention_mask=attention_mask[:, :-1],
                                    position_ids=position_ids[:, -T:-1], use_cache=False,
                                    **{name: cache}).last_hidden_state
-        last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(G, dim=0)  # predicts the first token
+        last_prompt = prompt.last_hidden_state[owner, -1:]  # predicts the first completion token
         return torch.cat([last_prompt, completion], dim=1)
 
 

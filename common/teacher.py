@@ -55,8 +55,9 @@ def score_teacher(run, batch, blocks: list[str], max_prompt_tokens: int, problem
                   gather_index: torch.Tensor | None = None, model: torch.nn.Module | None = None, **stats) -> dict:
     """Teacher log-probs of the batch's own completion tokens after per-row teacher prompts (problem + block).
 
-    `problems` defaults to each row's own prompt; `model` to the run's teacher weights. Also returns
-    `shortened` (rows whose block was cut) and `prompt_len` (teacher prompt tokens) per row.
+    `problems` defaults to each row's own prompt; `model` to the run's teacher weights. Rows whose teacher
+    prompts are identical (an answer-only block, the same feedback, a repeated peer) run that prompt once.
+    Also returns `shortened` (rows whose block was cut) and `prompt_len` (teacher prompt tokens) per row.
     """
     a, r = run.args, batch.rollout
     problems = problems if problems is not None else [e.prompt for e in batch.examples]
@@ -65,7 +66,7 @@ def score_teacher(run, batch, blocks: list[str], max_prompt_tokens: int, problem
     with run.d.autocast():
         out = score_completions(model if model is not None else run.teacher_model, ids, mask, r.completion_ids,
                                 r.completion_mask, a.temperature, a.logprob_chunk, a.micro_batch_rows,
-                                gather_index=gather_index, **stats)
+                                gather_index=gather_index, share_prompts=True, **stats)
     out["shortened"] = shortened.float()
     out["prompt_len"] = mask.sum(-1).float()
     return out

@@ -68,7 +68,7 @@ def optimize(run, batch, loss_fn: LossFn, step: int, token_masks: dict[str, torc
                 rows_d = rows.to(device)
                 with run.d.autocast():
                     out = run.policy(ids[rows_d], attn[rows_d], T, a.temperature, a.logprob_chunk,
-                                     with_entropy=entropy_out is not None, group_size=a.group_size,
+                                     with_entropy=entropy_out is not None, share_prompts=True,
                                      **{k: v[rows_d] for k, v in (row_inputs or {}).items()}, **(forward_kwargs or {}))
                 if entropy_out is not None:
                     entropy_out[rows_d] = out["entropy"].detach() * mask[rows_d]

@@ -97,37 +97,45 @@ def test_policy_scores_left_padded_rows_like_unpadded(policy, tokenizer):
             assert (got["logprobs"][i, len(x):] == 0).all()  # padding is zeroed, never scored
 
 
-def test_group_prompt_sharing_matches_full_forward(policy, tokenizer):
-    """group_size G: each group's prompt runs once, KV repeated; same stats and gradients as the full forward."""
-    prompts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n", "hi"]
-    completions = ["1+2=3\nAnswer: 3<|im_end|>", "12+34=46<|im_end|>", "x<|im_end|>", "Answer: 9<|im_end|>"]
-    G = 2
-    p_ids, p_mask = tokenize_left(tokenizer, [p for p in prompts for _ in range(G)], torch.device("cpu"))
+def test_prompt_sharing_matches_full_forward(policy, tokenizer):
+    """share_prompts: each distinct prompt runs once, KV selected per row; same stats and gradients as the full
+    forward, whether the rows sharing a prompt are contiguous (a GRPO group) or scattered (teacher prompts)."""
+    prompts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n", "hi", "<|im_start|>user\nbye"]
+    completions = ["1+2=3\nAnswer: 3<|im_end|>", "12+34=46<|im_end|>", "x<|im_end|>", "Answer: 9<|im_end|>",
+                   "7<|im_end|>", "Answer: 1+1<|im_end|>"]
+    rows = [0, 0, 1, 1, 2, 0]  # prompt of each row: 3 distinct prompts over 6 rows, prompt 0 also last
+    p_ids, p_mask = tokenize_left(tokenizer, [prompts[i] for i in rows], torch.device("cpu"))
     c = [tokenizer(t, add_special_tokens=False).input_ids for t in completions]
     T = max(map(len, c))
     c_ids = torch.tensor([x + [tokenizer.pad_token_id] * (T - len(x)) for x in c])
     c_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in c])
     ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
     policy.train()
-    assert policy.shares_prompts(ids, mask, T, G) and not policy.shares_prompts(ids[:3], mask[:3], T, G)
-    assert not policy.shares_prompts(ids.roll(1, 0), mask.roll(1, 0), T, G)  # blocks of G rows with different prompts
-    assert not policy.shares_prompts(ids, mask, 1, G)  # one completion token: nothing before it to run
-    assert policy.shares_prompts(ids, mask.bool(), T, G)  # any mask dtype
+    first, owner = policy.prompt_groups(ids, mask, T)
+    assert first.tolist() == [0, 2, 4] and owner.tolist() == rows
+    assert policy.prompt_groups(ids[[0, 2, 4]], mask[[0, 2, 4]], T) is None  # all distinct: nothing to share
+    assert policy.prompt_groups(ids, mask, 1) is None  # one completion token: nothing before it to run
+    assert policy.prompt_groups(ids, mask.bool(), T) is not None  # any mask dtype
 
-    def run(group_size):
+    def run(order, share):
         policy.zero_grad()
-        out = policy(ids, mask, T, 0.7, chunk_size=3, with_entropy=True, group_size=group_size)
-        (out["logprobs"] * c_mask).sum().backward()
+        out = policy(ids[order], mask[order], T, 0.7, chunk_size=3, with_entropy=True, share_prompts=share)
+        (out["logprobs"] * c_mask[order]).sum().backward()
         return out, [p.grad.clone() for p in policy.parameters()]
 
-    (full, full_grads), (shared, shared_grads) = run(1), run(G)
-    for key in ("logprobs", "entropy"):
-        torch.testing.assert_close(shared[key] * c_mask, full[key] * c_mask, atol=1e-5, rtol=1e-5)
-    for a, b in zip(shared_grads, full_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    # A batch whose blocks do not share prompts falls back to the full forward, bit for bit.
-    rolled = policy(ids.roll(1, 0), mask.roll(1, 0), T, 0.7, chunk_size=3, group_size=G)["logprobs"]
-    assert torch.equal(rolled, policy(ids.roll(1, 0), mask.roll(1, 0), T, 0.7, chunk_size=3)["logprobs"])
+    natural, shuffled = list(range(6)), [5, 2, 0, 4, 1, 3]
+    full, full_grads = run(natural, False)
+    for order in (natural, shuffled):
+        shared, shared_grads = run(order, True)
+        for key in ("logprobs", "entropy"):
+            torch.testing.assert_close(shared[key] * c_mask[order], full[key][order] * c_mask[order], atol=1e-5,
+                                       rtol=1e-5)
+        for a, b in zip(shared_grads, full_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # A batch of distinct prompts runs the full forward, bit for bit.
+    distinct = [0, 2, 4]
+    assert torch.equal(policy(ids[distinct], mask[distinct], T, 0.7, chunk_size=3, share_prompts=True)["logprobs"],
+                       policy(ids[distinct], mask[distinct], T, 0.7, chunk_size=3)["logprobs"])
 
 
 def test_prefix_sharing_uses_the_current_cache_api(policy, tokenizer):
@@ -140,7 +148,7 @@ def test_prefix_sharing_uses_the_current_cache_api(policy, tokenizer):
     p_ids, p_mask = tokenize_left(tokenizer, [p for p in prompts for _ in range(G)], torch.device("cpu"))
     c_ids = torch.tensor([tokenizer("1+2=3<|im_end|>", add_special_tokens=False).input_ids] * len(prompts) * G)
     ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, torch.ones_like(c_ids)], 1)
-    assert policy.shares_prompts(ids, mask, c_ids.shape[1], G)
+    assert policy.prompt_groups(ids, mask, c_ids.shape[1]) is not None
     messages: list[str] = []
 
     class Collect(logging.Handler):
@@ -153,7 +161,7 @@ def test_prefix_sharing_uses_the_current_cache_api(policy, tokenizer):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            policy(ids, mask, c_ids.shape[1], group_size=G)["logprobs"].sum().backward()
+            policy(ids, mask, c_ids.shape[1], share_prompts=True)["logprobs"].sum().backward()
     finally:
         hf_logger.removeHandler(handler)
     said = messages + [str(w.message) for w in caught]
