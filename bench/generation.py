@@ -82,7 +82,7 @@ def main() -> None:
     policy = load_policy(a.model, torch.device("cpu"))
     prompts = render_prompts(tok, [e.prompt for e in load_examples(a.dataset, "test")[:P]])
     weights, head = linear_layers(policy), policy.lm.lm_head.weight
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)  # as common.run.setup
 
     times: dict[str, list[float]] = {k: [] for k in ("shared", "plain", "mm_shared", "mm_plain", "update", "mm_update")}
     same_tokens = True

@@ -228,3 +228,28 @@ def test_grpo_learns_from_a_reasoning_gym_task_by_name(model_dir, tmp_path):
     for s in samples:
         assert verify(examples[s["prompt"]], s["completion"]).reward == s["reward"]
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_lora_on_the_real_model_exports_adapters_peft_loads(model_dir, tmp_path):
+    """hsd.py with LoRA (its initial teacher is the base model, adapters off): the export loads with peft."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    module = importlib.import_module("hsd")
+    out = tmp_path / "lora"
+    module.main(tyro.cli(module.Args, args=[
+        "--model", "smollm2-135m", "--dataset", str(FIXTURE), "--eval-dataset", str(FIXTURE), "--num-prompts", "2",
+        "--group-size", "2", "--max-new-tokens", "16", "--eval-every", "0", "--total-steps", "1",
+        "--lora-rank", "8", "--teacher", "initial", "--learning-rate", "2e-4", "--output-dir", str(out)]))
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for v in row.values())
+    saved = out / "checkpoint" / "model"
+    assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
+    lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), saved)
+    n_lora = sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n)
+    assert 0 < n_lora < 0.05 * sum(p.numel() for p in lm.parameters())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(lm(input_ids=ids).logits).all()
+    shutil.rmtree(out, ignore_errors=True)
