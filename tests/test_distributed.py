@@ -37,3 +37,23 @@ def test_two_rank_fsdp_run_saves_loadable_model(tiny_model_dir, tmp_path, script
     assert [r["step"] for r in more] == [0, 1, 2]
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 3 and len(state["rng"]) == 2
+
+
+def test_two_rank_fsdp_lora_trains_adapters_and_resumes(tmp_path):
+    """LoRA under FSDP2: frozen base and trainable adapters sharded together; the adapters alone are saved."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from common.models import resolve_model_path
+
+    flags = ["--lora-rank", "4", "--beta", "0.05", "--learning-rate", "3e-3", "--max-new-tokens", "40"]
+    rows = torchrun("grpo.py", "toy", tmp_path / "run", *flags, port=29613)
+    assert [r["step"] for r in rows] == [0, 1] and all(r["loss/kl"] == r["loss/kl"] for r in rows)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["model"] and all("lora_" in k for k in state["model"])
+    assert any(v.abs().max() > 0 for k, v in state["model"].items() if "lora_B" in k)  # the adapters trained
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy"))
+    PeftModel.from_pretrained(base, tmp_path / "run" / "checkpoint" / "model")
+    more = torchrun("grpo.py", "toy", tmp_path / "run", *flags, "--resume", "--total-steps", "3", port=29613)
+    assert [r["step"] for r in more] == [0, 1, 2]
