@@ -78,9 +78,8 @@ class Policy(nn.Module):
             return None
         first = torch.full((len(distinct),), B, dtype=torch.long, device=input_ids.device)
         first.scatter_reduce_(0, inverse, torch.arange(B, device=input_ids.device), reduce="amin")
-        rank = torch.empty_like(first)
-        rank[first.argsort()] = torch.arange(len(first), device=first.device)  # distinct prompts in row order
-        return first.sort().values, rank[inverse]
+        first, order = first.sort()  # distinct prompts in the order their first rows come
+        return first, order.argsort()[inverse]
 
     def shared_prompt_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                              T: int, first: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:

@@ -462,6 +462,22 @@ def _extract(completion: str) -> tuple[str | None, str]:
     return candidates[-1], ""
 
 
+def _gold_number(answer: str) -> _Literal | None:
+    """The gold answer as a numeric literal (lenient), or None when it is symbolic."""
+    rhs = _rhs(_clean(answer))
+    return _literal(rhs, strict=False) if rhs else None
+
+
+def _predicted_number(text: str) -> tuple[_Literal | None, str | None]:
+    """(the final answer's value side as a strict numeric literal, or None; that value side)."""
+    rhs = _rhs(_clean(text))
+    return (_literal(rhs, strict=True) if rhs else None), rhs
+
+
+def _not_a_number(text: str) -> Verdict:
+    return Verdict(0.0, False, f"final answer {_shown(text)} is not a number (an expression left unevaluated?)")
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(answer: str) -> list:
     """math-verify's parse of a gold answer (cached: a dataset repeats each one across a group)."""
@@ -484,13 +500,11 @@ def _math_compare(completion: str, answer: str, question: str | None = None) -> 
     text, why = _extract(completion)
     if text is None:
         return Verdict(0.0, False, why)
-    gold_rhs = _rhs(_clean(answer))
-    gold_value = _literal(gold_rhs, strict=False) if gold_rhs else None
+    gold_value = _gold_number(answer)
     if gold_value is not None:  # a number: only a number answers it
-        rhs = _rhs(_clean(text))
-        value = _literal(rhs, strict=True) if rhs else None
+        value, _ = _predicted_number(text)
         if value is None:
-            return Verdict(0.0, False, f"final answer {_shown(text)} is not a number (an expression left unevaluated?)")
+            return _not_a_number(text)
         if question and value.kind != gold_value.kind and (value.kind, value.value) in _question_values(question):
             return Verdict(0.0, False, f"final answer {_shown(text)} is copied from the question")
         predicted = value.latex
@@ -503,6 +517,11 @@ def _math_compare(completion: str, answer: str, question: str | None = None) -> 
     if not pred:
         return Verdict(0.0, False, f"final answer {_shown(text)} cannot be parsed")
     return _answer_verdict(equivalent(gold, pred, timeout_seconds=None), text.strip("$ "))
+
+
+def _rg_key(rg: dict) -> tuple[str, str]:
+    """(task, its config as sorted JSON): what identifies a reasoning-gym checker."""
+    return rg["task"], json.dumps(rg["config"], sort_keys=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -519,16 +538,14 @@ def _rg_compare(completion: str, rg: dict) -> Verdict:
     text, why = _extract(completion)
     if text is None:
         return Verdict(0.0, False, why)
-    gold_rhs = _rhs(_clean(answer))
-    if gold_rhs and _literal(gold_rhs, strict=False) is not None:
-        rhs = _rhs(_clean(text))
-        value = _literal(rhs, strict=True) if rhs else None
+    if _gold_number(answer) is not None:
+        value, rhs = _predicted_number(text)
         if value is None:
-            return Verdict(0.0, False, f"final answer {_shown(text)} is not a number (an expression left unevaluated?)")
+            return _not_a_number(text)
         candidate = value.latex if value.kind == "dec" else rhs  # `1,234 apples` -> `1234`; 3/4 and 25% as written
     else:
         candidate = _clean(text)
-    score = float(_rg_checker(rg["task"], json.dumps(rg["config"], sort_keys=True))(candidate, rg["entry"]))
+    score = float(_rg_checker(*_rg_key(rg))(candidate, rg["entry"]))
     correct = score >= 1.0
     verdict = _answer_verdict(correct, candidate)
     if not correct and score > 0:
@@ -576,7 +593,7 @@ def _math_worker_main() -> None:
         rg = request.get("rg")
         try:
             if rg is not None:  # import the task and build its checker before the deadline starts
-                _rg_checker(rg["task"], json.dumps(rg["config"], sort_keys=True))
+                _rg_checker(*_rg_key(rg))
             verdict = _math_with_deadline(request["completion"], request["answer"], request["timeout_s"],
                                           request.get("question"), rg)
         except _Deadline:  # the alarm fired just as the call finished
@@ -614,10 +631,10 @@ class _MathWorker:
             except OSError:
                 line = b""
             else:
-                first = rg is not None and (rg["task"], json.dumps(rg["config"], sort_keys=True)) not in self.checkers
+                first = rg is not None and _rg_key(rg) not in self.checkers
                 line = self._read_line(time.monotonic() + timeout_s + MATH_GRACE_S + MATH_START_TIMEOUT_S * first)
                 if line and rg is not None:
-                    self.checkers.add((rg["task"], json.dumps(rg["config"], sort_keys=True)))
+                    self.checkers.add(_rg_key(rg))
             if line is None:
                 self._stop()
                 return Verdict(0.0, False, "verifier timed out")
