@@ -212,7 +212,8 @@ _CUE = re.compile(  # "answer is/was/:/=", or "answer to <the question> is": nev
 _CUT = re.compile(r"[.!?](?=\s|$)|;|,\s+(?=[A-Za-z]{2})|\s(?:because|since|which|so|but)\b", re.IGNORECASE)
 _HEDGE_WORDS = re.compile(r"\b(?:or|either|maybe|perhaps|possibly|probably|might|could)\b", re.IGNORECASE)
 _RESULT_WORD = re.compile(
-    r"(?:\b(?:is|are|was|were|be|equals?|makes?|gives?|gets?|got|totals?|yields?|becomes?)|:)\s*$", re.IGNORECASE)
+    r"(?:\b(?:is|are|was|were|be|equals?|makes?|gives?|gets?|got|totals?|yields?|becomes?|results? in|equal to"
+    r"|comes? to|amounts? to|sums? to|adds? up to)|:)\s*$", re.IGNORECASE)
 _OPERATOR_AFTER = re.compile(r"[-+*/^=×÷<>]|\\(?:cdot|times|div|pm)\b|\d")
 _OPERATOR_BEFORE = re.compile(r"(?:[-+*/^×÷({\[]|\\(?:cdot|times|div|pm|frac|sqrt))$")
 _MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)

@@ -58,6 +58,10 @@ MATH_CASES = [
     ("10", "\\boxed{10\\,\\mathrm{cm}}", True),
     ("10", "\\boxed{\\$10}", True),
     ("18", "She makes 18 dollars", True),
+    ("6", "You can simply add 1 to 5, which results in 6.", True),  # stated as the result of 1 and 5
+    ("6", "Adding 1 and 5 is equal to 6.", True),
+    ("6", "The sum of 1 and 5 comes to 6.", True),
+    ("7", "Adding 1 and 5 results in 6 or 7.", False),  # a hedge still scores 0
     ("25\\%", "\\boxed{25\\%}", True),
     ("25", "The answer is 25%", True),
     ("0.25", "\\boxed{25\\%}", True),
