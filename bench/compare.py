@@ -13,9 +13,12 @@ independent), collects each `metrics.jsonl`, and writes into `--out`:
 
     python bench/compare.py                      # 3 seeds x 9 configurations (60 steps)
     python bench/compare.py --quick              # 1 seed, a few steps: checks the pipeline end to end
+    python bench/compare.py --real               # the five scripts on SmolLM2-135M and a reasoning-gym task
+    python bench/compare.py --real --reuse       # continue it: finished runs are read, interrupted ones resume
 
-Runs go `--jobs` at a time (default: one per CPU core), each with one torch thread, so a run's metrics
-do not depend on how many run beside it.
+Runs go `--jobs` at a time (default: one per CPU core; one with `--real`), each with one torch thread, so a
+run's metrics do not depend on how many run beside it. `--real` writes into results/real/ and adds to
+summary.csv the number of eval problems and the standard error of each gain.
 """
 from __future__ import annotations
 
@@ -46,6 +49,13 @@ CONFIGS = {
     "hsd": ("hsd", []),
     "hsd-frame": ("hsd", ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0"]),
 }
+# --real: each script's own defaults (its paper's recipe) on SmolLM2-135M with LoRA (OPSD's r = 64, alpha 128,
+# lr 2e-4), at the size this CPU affords in about an hour (README's CPU recipe), greedy eval of 200 problems.
+REAL_SCRIPTS = ["grpo", "sd", "credit", "antisd", "hsd"]
+REAL_MODEL, REAL_DATASET = "smollm2-135m", "rg:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=2"
+REAL_FLAGS = ["--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "96", "--temperature", "0.7",
+              "--micro-batch-rows", "16", "--eval-size", "200", "--eval-samples", "1", "--eval-temperature", "0",
+              "--eval-max-new-tokens", "128", "--lora-rank", "64", "--learning-rate", "2e-4", "--save-every", "5"]
 # Per script, the algorithm's own signals (credit magnitude near the divergence is HSD's paper measure).
 DIAGNOSTICS = {"sd": ["sd/pmi_seq_mean"], "credit": ["credit/contrast_mean", "credit/sign_flip_frac"],
                "antisd": ["gate/entropy_median", "gate/h_warm", "gate/on"],
@@ -60,7 +70,8 @@ def diagnostics_of(algorithm: str) -> list[str]:
 
 def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str],
             reuse: bool = False) -> list[dict]:
-    """Train one algorithm for one seed in a subprocess (or, with `reuse`, read a finished run); returns its rows."""
+    """Train one algorithm for one seed in a subprocess (or, with `reuse`, read a finished run and resume an
+    interrupted one from its checkpoint); returns its rows."""
     run_dir = out / "runs" / f"{algorithm}-{seed}"
     done = run_dir / "metrics.jsonl"
     if reuse and done.exists():
@@ -70,7 +81,7 @@ def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, e
             return rows
     script, flags = CONFIGS[algorithm]
     cmd = [sys.executable, str(ROOT / f"{script}.py"), *flags, "--seed", str(seed), "--total-steps", str(steps),
-           "--eval-every", str(eval_every), "--output-dir", str(run_dir), "--overwrite", *extra]
+           "--eval-every", str(eval_every), "--output-dir", str(run_dir), "--resume" if reuse else "--overwrite", *extra]
     started = time.perf_counter()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
@@ -117,6 +128,8 @@ def plot(results: dict[str, dict[int, list[dict]]], out: Path, eval_label: str) 
     fig.savefig(out / "curves.png", dpi=120)
 
     present = [a for a in results if diagnostics_of(a)]
+    if not present:  # GRPO alone has no diagnostics of its own
+        return
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
     for ax, algorithm in zip(axes[0], present):
         rows = next(iter(results[algorithm].values()))
@@ -161,20 +174,37 @@ def spread(values: list[float]) -> list[float]:
     return [statistics.mean(values), statistics.pstdev(values), min(values), max(values)]
 
 
+def gain_standard_error(first: float, final: float, n: int) -> float:
+    """Standard error of final - first, two accuracies over the same n problems, taken as independent binomials:
+    sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n). Conservative: the two evals' correlation over problems is ignored."""
+    return (first * (1 - first) / n + final * (1 - final) / n) ** 0.5
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--algorithms", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time (one thread each)")
-    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 1 2 3 (--real: 1)")
+    p.add_argument("--steps", type=int, default=None, help="default: 60 (--real: 100)")
+    p.add_argument("--eval-every", type=int, default=None, help="default: 10 (--real: 20)")
+    p.add_argument("--algorithms", nargs="+", default=None, choices=list(CONFIGS),
+                   help="default: all nine configurations (--real: the five scripts)")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time, one thread each (default: one per CPU "
+                                                          "core; --real: 1)")
+    p.add_argument("--out", type=Path, default=None, help="default: results/ (--real: results/real/)")
+    p.add_argument("--real", action="store_true", help="SmolLM2-135M on a reasoning-gym task (LoRA), not the toy")
+    p.add_argument("--model", default=REAL_MODEL, help="--real's model")
+    p.add_argument("--dataset", default=REAL_DATASET, help="--real's dataset")
     p.add_argument("--quick", action="store_true", help="one seed, 3 steps, small eval: a pipeline check")
     p.add_argument("--reuse", action="store_true", help="read runs already finished under --out instead of re-running "
                                                          "them (continues an interrupted benchmark)")
     p.add_argument("extra", nargs="*", help="flags passed to every script (after --)")
     a = p.parse_args()
-    extra = list(a.extra)
+    real = a.real
+    a.seeds = a.seeds or ([1] if real else [1, 2, 3])
+    a.steps, a.eval_every = a.steps or (100 if real else 60), a.eval_every or (20 if real else 10)
+    a.algorithms = a.algorithms or (REAL_SCRIPTS if real else list(CONFIGS))
+    a.jobs = a.jobs or (1 if real else os.cpu_count() or 1)
+    a.out = a.out or ROOT / "results" / ("real" if real else "")
+    extra = (["--model", a.model, "--dataset", a.dataset, *REAL_FLAGS] if real else []) + list(a.extra)
     if a.quick:
         a.seeds, a.steps, a.eval_every = a.seeds[:1], 3, 2
         extra += ["--eval-size", "16", "--num-prompts", "4", "--group-size", "4"]
@@ -186,8 +216,8 @@ def main() -> None:
         for (alg, seed), rows in zip(jobs, done):
             results.setdefault(alg, {})[seed] = rows
     run_args = json.loads((a.out / "runs" / f"{jobs[0][0]}-{jobs[0][1]}" / "args.json").read_text())
-    eval_label = (f"avg@{run_args['eval_samples']} at T={run_args['eval_temperature']:g}, "
-                  f"{run_args['eval_size']} problems")
+    eval_n = int(next(iter(next(iter(results.values())).values()))[0]["eval/problems"])
+    eval_label = f"avg@{run_args['eval_samples']} at T={run_args['eval_temperature']:g}, {eval_n} problems"
     with open(a.out / "curves.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seed", "step", "wall_s", "eval_accuracy"])
@@ -199,18 +229,20 @@ def main() -> None:
     with open(a.out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seeds", "initial_mean", "final_mean", "final_std", "final_min", "final_max",
-                    "gain_mean", "gain_std", "gain_min", "gain_max", "train_s_mean"])
+                    "gain_mean", "gain_std", "gain_min", "gain_max", "train_s_mean", "eval_n", "gain_se_mean"])
         print(f"\nheld-out accuracy ({eval_label}), {a.steps} steps, seeds {a.seeds}")
-        print(f"{'algorithm':<12} {'initial':>8} {'final':>15} {'gain':>15} {'min gain':>9} {'train s':>8}")
+        print(f"{'algorithm':<12} {'initial':>8} {'final':>15} {'gain':>15} {'min gain':>9} {'train s':>8} "
+              f"{'gain se':>8}")
         for alg, by_seed in results.items():
             first = [rows[0]["eval/accuracy"] for rows in by_seed.values()]
             final = [rows[-1]["eval/accuracy"] for rows in by_seed.values()]
             final_s, gain_s = spread(final), spread([b - f for f, b in zip(first, final)])
             train_s = statistics.mean(wall_times(rows)[-1] for rows in by_seed.values())
+            se = statistics.mean(gain_standard_error(f, b, eval_n) for f, b in zip(first, final))
             w.writerow([alg, len(final), f"{statistics.mean(first):.4f}", *(f"{v:.4f}" for v in final_s),
-                        *(f"{v:.4f}" for v in gain_s), f"{train_s:.1f}"])
+                        *(f"{v:.4f}" for v in gain_s), f"{train_s:.1f}", eval_n, f"{se:.4f}"])
             print(f"{alg:<12} {statistics.mean(first):>8.3f} {final_s[0]:>8.3f} ± {final_s[1]:.3f} "
-                  f"{gain_s[0]:>+8.3f} ± {gain_s[1]:.3f} {gain_s[2]:>+9.3f} {train_s:>8.0f}")
+                  f"{gain_s[0]:>+8.3f} ± {gain_s[1]:.3f} {gain_s[2]:>+9.3f} {train_s:>8.0f} {se:>8.3f}")
     with open(a.out / "diagnostics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seed", "metric", "run_mean"])

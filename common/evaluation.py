@@ -30,7 +30,8 @@ def evaluate(policy, tokenizer, examples: list[Example], d: Dist, max_new_tokens
                      for j, e in enumerate(batch[:4])]
     totals = all_reduce(torch.stack([correct, passk, reward, torch.tensor(float(len(mine)), dtype=torch.float64)]))
     n = totals[3].clamp(min=1)
-    metrics = {"eval/accuracy": (totals[0] / n).item(), "eval/reward": (totals[2] / n).item()}
+    metrics = {"eval/accuracy": (totals[0] / n).item(), "eval/reward": (totals[2] / n).item(),
+               "eval/problems": int(totals[3].item())}
     if samples > 1:
         metrics[f"eval/pass@{samples}"] = (totals[1] / n).item()
     return metrics, table

@@ -1,5 +1,6 @@
 """bench/compare.py --quick: every algorithm runs, and the CSVs and figures come out consistent."""
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,29 @@ def test_generation_benchmark_quick():
         ratio = float(lines[stage].split()[-1 if stage == "generate (every row)" else -4].rstrip("x"))
         assert ratio > 0
     assert "greedy tokens identical with and without" in proc.stdout
+
+
+def test_compare_real_mode_resumes_and_reports_the_standard_error(tmp_path):
+    """--real runs the five scripts' pipeline with LoRA and the real-model flags (here on the toy model, for time),
+    reports eval_n and the gain's standard error, and --reuse resumes an interrupted run from its checkpoint."""
+    def compare(steps: int, *flags: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--real", "--model", "toy", "--dataset", "toy",
+               "--algorithms", "grpo", "--steps", str(steps), "--eval-every", "1", "--out", str(tmp_path), *flags,
+               "--", "--eval-size", "12", "--num-prompts", "2", "--group-size", "4", "--max-new-tokens", "16"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    compare(2)
+    run_dir = tmp_path / "runs" / "grpo-1"
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["lora_rank"] == 64 and args["eval_temperature"] == 0 and args["eval_max_new_tokens"] == 128
+    first_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    compare(3, "--reuse")  # the 2-step run's final checkpoint continues to 3 steps instead of starting again
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[:2] == first_rows[:2]
+    (summary,) = csv.DictReader((tmp_path / "summary.csv").open())
+    p0, p1, n = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"], rows[0]["eval/problems"]
+    assert int(summary["eval_n"]) == n == 12
+    expected = (p0 * (1 - p0) / n + p1 * (1 - p1) / n) ** 0.5
+    assert abs(float(summary["gain_se_mean"]) - expected) < 1e-4

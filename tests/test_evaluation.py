@@ -29,6 +29,7 @@ def test_evaluate_matches_explicit_count(samples, temperature):
             reward += sum(v.reward for v in verdicts) / samples
     assert metrics["eval/accuracy"] == pytest.approx(correct / len(examples))
     assert metrics["eval/reward"] == pytest.approx(reward / len(examples))
+    assert metrics["eval/problems"] == len(examples)
     if samples > 1:
         assert metrics[f"eval/pass@{samples}"] == pytest.approx(passed / len(examples))
         assert metrics[f"eval/pass@{samples}"] >= metrics["eval/accuracy"]
