@@ -21,6 +21,55 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in here: autocast's when it is on for x's device, else x's own."""
+    on = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
+
+
+class LinearLogProb(torch.autograd.Function):
+    """log softmax(h W^T / tau)[y] per row, and the entropy as a detached statistic, for one chunk of positions.
+
+    What autograd would keep for the backward of `log_softmax` and `gather` (a full [N, V] softmax, a zero-filled
+    [N, V] gradient to scatter into) is never made: forward keeps only h, W, y and logsumexp; backward recomputes
+    the logits once, turns them into softmax in place and forms d/dlogits = g (onehot(y) - softmax) / tau in the
+    same buffer, then the two products for dh and dW.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dtype = _compute_dtype(hidden)
+        logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
+        if temperature != 1.0:
+            logits.div_(temperature)
+        lse = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        entropy = None
+        if with_entropy:  # H = -sum p log p, the logits turned into log p in place
+            log_p = logits.sub_(lse[:, None])
+            entropy = -torch.einsum("nv,nv->n", log_p.exp(), log_p)
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+        grad = F.linear(h, w).float()
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        scale = grad_logprobs.float() / ctx.temperature
+        grad.sub_(lse[:, None]).exp_().mul_(-scale[:, None])  # -g p / tau
+        grad.scatter_add_(-1, targets[:, None], scale[:, None])  # + g onehot(y) / tau
+        grad = grad.to(ctx.dtype)
+        grad_hidden = (grad @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
 def _chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float,
                  with_entropy: bool, topk: int, gather_index: torch.Tensor | None, gather_topk: bool,
                  paired_hidden: torch.Tensor | None, paired_head: torch.nn.Module | None, paired_fn: PairedFn | None):
@@ -56,15 +105,23 @@ def token_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tens
     `gather_topk`, each position's own top-k) yields `gathered` [B, T, k+1] (k log-probs and the tail
     log(1 - sum p)). `paired_fn` gets this model's full-vocabulary logits and a second model's,
     `paired_head(paired_hidden)` [B, T, H] (no grad), one chunk at a time, and yields `paired` [B, T].
-    Under grad, each chunk's logits are recomputed in backward (activation checkpointing) so only one
-    chunk of logits is alive.
+    Under grad, each chunk's logits are recomputed in backward so only one chunk of logits is alive (by
+    `LinearLogProb` when only log-probs and entropies are asked of a plain linear head, the entropy then
+    detached: a statistic; otherwise by activation checkpointing).
     """
     B, T, H = hidden.shape
     flat_h, flat_t = hidden.reshape(B * T, H), targets.reshape(B * T)
     flat_g = gather_index.reshape(B * T, -1) if gather_index is not None else None
     flat_p = paired_hidden.reshape(B * T, -1) if paired_hidden is not None else None
     pieces = []
+    fused = torch.is_grad_enabled() and flat_h.requires_grad and not topk and gather_index is None and \
+        paired_fn is None and type(head) is torch.nn.Linear and head.bias is None
     for i in range(0, B * T, chunk_size):
+        if fused:  # the common case under grad (an update's log-probs): LinearLogProb's lean backward
+            logprobs, entropy = LinearLogProb.apply(flat_h[i:i + chunk_size], head.weight, flat_t[i:i + chunk_size],
+                                                    temperature, with_entropy)
+            pieces.append((logprobs, entropy) if with_entropy else (logprobs,))
+            continue
         args = (flat_h[i:i + chunk_size], head, flat_t[i:i + chunk_size], temperature, with_entropy, topk,
                 flat_g[i:i + chunk_size] if flat_g is not None else None, gather_topk,
                 flat_p[i:i + chunk_size] if flat_p is not None else None, paired_head, paired_fn)

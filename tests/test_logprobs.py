@@ -73,6 +73,55 @@ def test_gradients_match_naive():
     torch.testing.assert_close(g_head, head.weight.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_gradients_match_explicit_sums(temperature):
+    """LinearLogProb (the update's path) against d log p_t / dh_t = sum_v (onehot(y_t) - p_t)_v W_v / tau and
+    d/dW_v = sum_t g_t (onehot(y_t) - p_t)_v h_t / tau in float64, with per-token upstream weights that zero the
+    padding positions."""
+    hidden, head, targets = make(B=2, T=4, H=8, V=11)
+    upstream = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    upstream[1, :2] = 0.0  # padding: no gradient from these positions
+    h = hidden.clone().requires_grad_(True)
+    out = token_stats(h, head, targets, temperature, 3, with_entropy=True)
+    (out["logprobs"] * upstream).sum().backward()
+    assert not out["entropy"].requires_grad  # a statistic under grad
+    W = head.weight.detach().double()
+    want_h, want_w = torch.zeros_like(hidden, dtype=torch.float64), torch.zeros_like(W)
+    for b in range(2):
+        for t in range(4):
+            p = torch.softmax(hidden[b, t].double() @ W.T / temperature, -1)
+            d = -p
+            d[targets[b, t]] += 1
+            want_h[b, t] = upstream[b, t] * (d @ W) / temperature
+            want_w += upstream[b, t].double() * torch.outer(d, hidden[b, t].double()) / temperature
+    torch.testing.assert_close(h.grad.double(), want_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head.weight.grad.double(), want_w, atol=1e-5, rtol=1e-5)
+    assert torch.all(h.grad[1, :2] == 0)
+    with torch.no_grad():  # values and entropies equal the no-grad path's
+        plain = token_stats(hidden, head, targets, temperature, 3, with_entropy=True)
+    torch.testing.assert_close(out["logprobs"].detach(), plain["logprobs"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out["entropy"], plain["entropy"], atol=1e-6, rtol=1e-6)
+
+
+def test_fused_head_frozen_weight_and_bf16_autocast():
+    """A frozen head (LoRA trains no head) gets no gradient and the hidden states the same one; under bf16 autocast
+    the gradients stay close to fp32's."""
+    hidden, head, targets = make()
+    h32 = hidden.clone().requires_grad_(True)
+    token_stats(h32, head, targets, 0.9, 4)["logprobs"].sum().backward()
+    head.weight.requires_grad_(False)
+    h = hidden.clone().requires_grad_(True)
+    token_stats(h, head, targets, 0.9, 4)["logprobs"].sum().backward()
+    assert head.weight.grad is not None and torch.equal(h.grad, h32.grad)
+    head.weight.grad = None
+    h16 = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = token_stats(h16, head, targets, 0.9, 4)["logprobs"]
+    lp.sum().backward()
+    assert head.weight.grad is None and h16.grad.dtype == torch.float32
+    torch.testing.assert_close(h16.grad, h32.grad, atol=5e-2, rtol=5e-2)
+
+
 def full_logprobs(policy, ids, temperature):
     """Naive: one unpadded forward of the whole sequence through the HF model, full softmax."""
     logits = policy.lm(input_ids=ids[None]).logits[0]
