@@ -46,9 +46,8 @@ class LinearLogProb(torch.autograd.Function):
         lse = torch.logsumexp(logits, dim=-1)
         logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
         entropy = None
-        if with_entropy:  # H = -sum p log p, the logits turned into log p in place
-            log_p = logits.sub_(lse[:, None])
-            entropy = -torch.einsum("nv,nv->n", log_p.exp(), log_p)
+        if with_entropy:  # H = lse - sum softmax(z) z, as _chunk_stats computes it
+            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
             ctx.mark_non_differentiable(entropy)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.dtype = temperature, dtype
