@@ -1,8 +1,12 @@
-"""Model names: `--model smollm2-135m` without its package fails with the install command, before any work."""
+"""Model names: `--model smollm2-135m` without its package fails with the install command, before any work; grouped
+attention on CPU."""
+import os
+
 import pytest
+import torch
 
 from common import smollm2
-from common.models import resolve_model_path
+from common.models import load_policy, resolve_model_path
 
 
 def test_named_model_without_its_package_says_how_to_install(monkeypatch):
@@ -18,3 +22,41 @@ def test_named_model_without_its_package_says_how_to_install(monkeypatch):
 def test_missing_local_path_is_named():
     with pytest.raises(FileNotFoundError, match="model path not found: ./no-such-model"):
         resolve_model_path("./no-such-model")
+
+
+def test_cpu_attention_reads_grouped_keys_without_copies(tmp_path, tokenizer, monkeypatch):
+    """A grouped-query model (4 query heads, 2 key/value heads) on CPU: SDPA gets the grouped keys/values under the
+    prompt-sharing mask (no `repeat_kv`), with the same log-probs and gradients as transformers' copies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import sdpa_attention
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    policy = load_policy(str(tmp_path), torch.device("cpu"))
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    copies = []
+    real_repeat = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda h, n: copies.append(n) or real_repeat(h, n))
+    prompts = tokenizer(["Q: 1+2=?", "Q: 12+3=?"], return_tensors="pt", padding=True)
+    completion = torch.randint(3, len(tokenizer), (4, 5), generator=torch.Generator().manual_seed(1))
+    ids = torch.cat([prompts.input_ids.repeat_interleave(2, 0), completion], 1)
+    mask = torch.cat([prompts.attention_mask.repeat_interleave(2, 0), torch.ones_like(completion)], 1)
+
+    def logprobs_and_grads():
+        policy.zero_grad(set_to_none=True)
+        out = policy(ids, mask, completion_len=5, share_prompts=True)["logprobs"]
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in policy.parameters()]
+
+    grouped, grouped_grads = logprobs_and_grads()
+    assert copies == []
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")
+    copied, copied_grads = logprobs_and_grads()
+    assert copies and set(copies) == {2}
+    torch.testing.assert_close(grouped, copied, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grouped_grads, copied_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
