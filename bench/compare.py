@@ -4,7 +4,8 @@ Runs every algorithm with the same step budget and seeds (one subprocess per run
 independent), collects each `metrics.jsonl`, and writes into `--out`:
   curves.csv        one row per (algorithm, seed, eval step): step, wall time, eval accuracy
   summary.csv       held-out accuracy per algorithm at step 0 and at the end, and the gain: mean, std,
-                    min, max over seeds
+                    min, max over seeds; the number of eval problems and the gain's standard error, both
+                    unpaired (conservative) and paired over problems (from each run's eval_scores.jsonl)
   diagnostics.csv   per (algorithm, seed): the mean over the run of each diagnostic below
   curves.png        accuracy vs step and vs wall time, mean +- std band over seeds
   diagnostics.png   the algorithms' own signals: SD pMI per row, CREDIT contrast term, AntiSD gate
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -180,6 +182,19 @@ def gain_standard_error(first: float, final: float, n: int) -> float:
     return (first * (1 - first) / n + final * (1 - final) / n) ** 0.5
 
 
+def paired_standard_error(run_dir: Path) -> float:
+    """Standard error of the gain from the per-problem scores of the first and last evaluation (eval_scores.jsonl):
+    sd(d) / sqrt(n) with d_i = last_i - first_i, the paired estimate (the same problems evaluated twice); NaN
+    when the run has no such file."""
+    path = run_dir / "eval_scores.jsonl"
+    if not path.exists():
+        return math.nan
+    evals = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    first, last = evals[0]["scores"], evals[-1]["scores"]
+    d = [b - a for a, b in zip(first, last)]
+    return statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else math.nan
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 1 2 3 (--real: 1)")
@@ -229,20 +244,22 @@ def main() -> None:
     with open(a.out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seeds", "initial_mean", "final_mean", "final_std", "final_min", "final_max",
-                    "gain_mean", "gain_std", "gain_min", "gain_max", "train_s_mean", "eval_n", "gain_se_mean"])
+                    "gain_mean", "gain_std", "gain_min", "gain_max", "train_s_mean", "eval_n", "gain_se_mean",
+                    "gain_se_paired_mean"])
         print(f"\nheld-out accuracy ({eval_label}), {a.steps} steps, seeds {a.seeds}")
         print(f"{'algorithm':<12} {'initial':>8} {'final':>15} {'gain':>15} {'min gain':>9} {'train s':>8} "
-              f"{'gain se':>8}")
+              f"{'gain se':>8} {'paired':>7}")
         for alg, by_seed in results.items():
             first = [rows[0]["eval/accuracy"] for rows in by_seed.values()]
             final = [rows[-1]["eval/accuracy"] for rows in by_seed.values()]
             final_s, gain_s = spread(final), spread([b - f for f, b in zip(first, final)])
             train_s = statistics.mean(wall_times(rows)[-1] for rows in by_seed.values())
             se = statistics.mean(gain_standard_error(f, b, eval_n) for f, b in zip(first, final))
+            paired = statistics.mean(paired_standard_error(a.out / "runs" / f"{alg}-{seed}") for seed in by_seed)
             w.writerow([alg, len(final), f"{statistics.mean(first):.4f}", *(f"{v:.4f}" for v in final_s),
-                        *(f"{v:.4f}" for v in gain_s), f"{train_s:.1f}", eval_n, f"{se:.4f}"])
+                        *(f"{v:.4f}" for v in gain_s), f"{train_s:.1f}", eval_n, f"{se:.4f}", f"{paired:.4f}"])
             print(f"{alg:<12} {statistics.mean(first):>8.3f} {final_s[0]:>8.3f} ± {final_s[1]:.3f} "
-                  f"{gain_s[0]:>+8.3f} ± {gain_s[1]:.3f} {gain_s[2]:>+9.3f} {train_s:>8.0f} {se:>8.3f}")
+                  f"{gain_s[0]:>+8.3f} ± {gain_s[1]:.3f} {gain_s[2]:>+9.3f} {train_s:>8.0f} {se:>8.3f} {paired:>7.3f}")
     with open(a.out / "diagnostics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seed", "metric", "run_mean"])

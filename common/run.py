@@ -100,10 +100,11 @@ class Run:
         # (so --eval-every leaves the run unchanged), and every algorithm is evaluated with the same draws.
         with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
             torch.manual_seed(hash((a.seed, self.d.rank, step)) % 2**63)
-            metrics, table = evaluate(self.policy, self.tokenizer, self.eval_set, self.d,
-                                      a.eval_max_new_tokens or a.max_new_tokens, a.eval_samples, a.eval_temperature,
-                                      a.eval_batch_prompts, enable_thinking=a.enable_thinking)
+            metrics, table, scores = evaluate(self.policy, self.tokenizer, self.eval_set, self.d,
+                                              a.eval_max_new_tokens or a.max_new_tokens, a.eval_samples,
+                                              a.eval_temperature, a.eval_batch_prompts, enable_thinking=a.enable_thinking)
         self.tracker.samples(step, [{"split": "eval", **row} for row in table])
+        self.tracker.eval_scores(step, scores)
         return {**metrics, "perf/eval_s": time.perf_counter() - t0}
 
     def save(self, step: int, extra: dict | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Console progress, `metrics.jsonl`, optional wandb (`--track`) and sample completions."""
+"""Console progress, `metrics.jsonl`, optional wandb (`--track`), sample completions and per-problem eval scores."""
 from __future__ import annotations
 
 import dataclasses
@@ -40,12 +40,13 @@ class Tracker:
     def __init__(self, output_dir: Path, args: Any, run_name: str, enabled: bool, resume_step: int | None = None):
         self.enabled, self.output_dir = enabled, output_dir
         self.metrics_path, self.samples_path = output_dir / "metrics.jsonl", output_dir / "samples.jsonl"
+        self.eval_path = output_dir / "eval_scores.jsonl"
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(args)
         (output_dir / "args.json").write_text(json.dumps(config, indent=2) + "\n")
-        for path in (self.metrics_path, self.samples_path):
+        for path in (self.metrics_path, self.samples_path, self.eval_path):
             if resume_step is None:
                 path.unlink(missing_ok=True)
             else:
@@ -68,6 +69,14 @@ class Tracker:
         print(f"step {step:5d} | {shown}", flush=True)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
+
+    def eval_scores(self, step: int, scores: list[float]) -> None:
+        """Append one evaluation's per-problem scores (fraction of correct samples, eval-set order) to
+        `eval_scores.jsonl`."""
+        if not self.enabled:
+            return
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps({"step": step, "scores": scores}) + "\n")
 
     def samples(self, step: int, rows: list[dict]) -> None:
         """Append completion samples (prompt, completion, reward) to `samples.jsonl` and wandb."""

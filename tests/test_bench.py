@@ -73,3 +73,10 @@ def test_compare_real_mode_resumes_and_reports_the_standard_error(tmp_path):
     assert int(summary["eval_n"]) == n == 12
     expected = (p0 * (1 - p0) / n + p1 * (1 - p1) / n) ** 0.5
     assert abs(float(summary["gain_se_mean"]) - expected) < 1e-4
+    # Paired over problems: the first and last evaluation's per-problem scores, explicit sums.
+    evals = [json.loads(line) for line in (run_dir / "eval_scores.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 1, 2]
+    d = [b - a for a, b in zip(evals[0]["scores"], evals[-1]["scores"])]
+    mean = sum(d) / n
+    paired = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
+    assert abs(float(summary["gain_se_paired_mean"]) - paired) < 1e-4 and abs(mean - (p1 - p0)) < 1e-9

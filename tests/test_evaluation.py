@@ -16,20 +16,22 @@ def test_evaluate_matches_explicit_count(samples, temperature):
     policy, tokenizer = load_policy("toy", torch.device("cpu")), load_tokenizer("toy")
     examples = toy.examples("test")[:24]
     torch.manual_seed(0)
-    metrics, table = evaluate(policy, tokenizer, examples, Dist(), 48, samples, temperature, batch_prompts=10)
+    metrics, table, scores = evaluate(policy, tokenizer, examples, Dist(), 48, samples, temperature, batch_prompts=10)
     torch.manual_seed(0)
-    correct, passed, reward = 0.0, 0, 0.0
+    correct, passed, reward, each = 0.0, 0, 0.0, []
     for i in range(0, len(examples), 10):
         batch = examples[i:i + 10]
         r = generate(policy, tokenizer, render_prompts(tokenizer, [e.prompt for e in batch]), samples, 48, temperature)
         for j, e in enumerate(batch):
             verdicts = [verify(e, r.texts[j * samples + s]) for s in range(samples)]
             correct += sum(v.correct for v in verdicts) / samples
+            each.append(sum(v.correct for v in verdicts) / samples)
             passed += any(v.correct for v in verdicts)
             reward += sum(v.reward for v in verdicts) / samples
     assert metrics["eval/accuracy"] == pytest.approx(correct / len(examples))
     assert metrics["eval/reward"] == pytest.approx(reward / len(examples))
     assert metrics["eval/problems"] == len(examples)
+    assert scores == pytest.approx(each)  # each problem's score, in the order of `examples`
     if samples > 1:
         assert metrics[f"eval/pass@{samples}"] == pytest.approx(passed / len(examples))
         assert metrics[f"eval/pass@{samples}"] >= metrics["eval/accuracy"]
@@ -58,3 +60,8 @@ def test_eval_knobs_and_timing_apart_from_the_step(tiny_model_dir, tmp_path, cap
     # Byte-level toy tokenizer: a token decodes to at most one character (bytes of invalid UTF-8 become one U+FFFD each).
     assert max(len(s["completion"]) for s in evals) <= 5 < max(len(s["completion"]) for s in train)
     assert "peak RSS" in capsys.readouterr().out.strip().splitlines()[-1]
+    # Each evaluation's per-problem scores, whose mean is its accuracy.
+    scores = [json.loads(line) for line in (out / "eval_scores.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in scores] == [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1]
+    for s, r in zip(scores, rows):
+        assert len(s["scores"]) == 3 and sum(s["scores"]) / 3 == pytest.approx(r["eval/accuracy"])

@@ -59,15 +59,15 @@ def test_crash_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, monke
         run(tiny_model_dir, tmp_path / "resumed", "--save-every", "2")
     monkeypatch.setattr(tracking.Tracker, "log", original)
     # A kill mid-write also leaves a torn last line: resuming drops it (and says so).
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "eval_scores.jsonl"):
         with open(tmp_path / "resumed" / name, "a") as f:
             f.write('{"step": 3, "reward/me')
     # The crash left a logged step 2 beyond the step-2 checkpoint; resuming rewrites it identically.
     resumed = run(tiny_model_dir, tmp_path / "resumed", "--save-every", "2", "--resume")
     assert strip_perf(resumed) == strip_perf(full)
     assert "dropped a torn last line" in capsys.readouterr().out
-    samples = (tmp_path / "resumed" / "samples.jsonl").read_text()
-    assert samples == (tmp_path / "full" / "samples.jsonl").read_text()
+    for name in ("samples.jsonl", "eval_scores.jsonl"):
+        assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "full" / name).read_text()
 
 
 def test_track_offline_writes_wandb_run(tiny_model_dir, tmp_path, monkeypatch):
