@@ -1,6 +1,6 @@
 """`--beta` works in every script: a k3 KL to the frozen initial policy, logged as `loss/kl`.
 
-`--beta 0` loads no reference and is the recorded recipe bit for bit (tests/test_reference.py); here
+`--beta 0` loads no reference and is the recorded recipe (tests/test_reference.py); here
 `--beta 0.1` must add the KL term and change the update. At step 0 the policy equals the reference,
 so the k3 term and its gradient are exactly 0; from step 1 on the policy has moved and the term
 changes the gradient.

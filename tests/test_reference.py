@@ -1,8 +1,12 @@
-"""Bit-exact reference: every script's recipes reproduce the metrics recorded before the scripts were split.
+"""Reference: every script's recipes reproduce the metrics recorded before the scripts were split.
 
 Each configuration runs 3 toy steps at seed 1 with one torch thread and a 16-prompt evaluation, in
 this process, and every recorded numeric field of its metrics.jsonl except timings (`perf/`) must be
-there and equal the recorded value exactly (metrics added since may appear beside them). Where a
+there and match the recorded value (metrics added since may appear beside them): integers exactly,
+floats to a relative 1e-4 (absolute 1e-7 near zero). Not bit for bit, because the same torch build
+picks its matrix kernels by the CPU it runs on: two x86 machines of this project's CI gave floats
+apart by up to 1e-5 relative (the largest, CREDIT's step-1 gradient norm), with every sampled token,
+reward and length the same. A change to a formula moves some metric far more than that. Where a
 script's defaults have since moved to its paper's recipe, the configuration names the flags that give
 the recorded recipe. The fixture `fixtures/reference_metrics.json` was written by
 `python tests/test_reference.py --record` on the CPU build of torch that CI installs (2.13); a change
@@ -51,6 +55,13 @@ def run_config(name: str, out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("perf/") and isinstance(v, (int, float))} for r in rows]
 
 
+def matches(got: float, expected: float) -> bool:
+    """Integers exactly; floats to the precision that differs between CPUs (module docstring)."""
+    if isinstance(expected, int) and isinstance(got, int):
+        return got == expected
+    return got == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_reference(name, tmp_path):
     expected = json.loads(FIXTURE.read_text())[name]
@@ -58,7 +69,7 @@ def test_matches_reference(name, tmp_path):
     assert len(got) == len(expected) == 3
     for step, (g, e) in enumerate(zip(got, expected)):
         assert set(e) <= set(g), f"{name} step {step}: missing {sorted(set(e) - set(g))}"
-        diff = {k: (g[k], e[k]) for k in e if g[k] != e[k]}
+        diff = {k: (g[k], e[k]) for k in e if not matches(g[k], e[k])}
         assert not diff, f"{name} step {step}: {diff}"
 
 
