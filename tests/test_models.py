@@ -1,12 +1,15 @@
 """Model names: `--model smollm2-135m` without its package fails with the install command, before any work; grouped
 attention on CPU."""
+import ctypes
+import ctypes.util
 import os
+import sys
 
 import pytest
 import torch
 
 from common import smollm2
-from common.models import load_policy, resolve_model_path
+from common.models import keep_freed_memory_on_cpu, load_policy, resolve_model_path
 
 
 def test_named_model_without_its_package_says_how_to_install(monkeypatch):
@@ -60,3 +63,30 @@ def test_cpu_attention_reads_grouped_keys_without_copies(tmp_path, tokenizer, mo
     torch.testing.assert_close(grouped, copied, atol=1e-6, rtol=1e-6)
     for a, b in zip(grouped_grads, copied_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+class Mallinfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (malloc.h): sizes in bytes."""
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_freed_memory_stays_in_the_process():
+    # Under glibc a 64 MiB block would be an mmap of its own, unmapped on free; kept, it comes from the heap and
+    # stays there, so the next step's tensors reuse pages already faulted in.
+    assert not keep_freed_memory_on_cpu(torch.device("cuda"))
+    if sys.platform != "linux":
+        assert not keep_freed_memory_on_cpu(torch.device("cpu"))
+        return
+    assert keep_freed_memory_on_cpu(torch.device("cpu"))
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = Mallinfo2
+    before = libc.mallinfo2()
+    block = torch.ones(2**24)
+    during = libc.mallinfo2()
+    del block
+    after = libc.mallinfo2()
+    assert during.hblkhd == before.hblkhd  # not an mmap of its own
+    assert during.arena >= before.arena + 2**26 or during.uordblks >= before.uordblks + 2**26
+    assert after.arena >= during.arena  # nothing handed back: the freed bytes wait in the heap
+    assert after.fordblks >= 2**26
