@@ -80,3 +80,26 @@ def test_compare_real_mode_resumes_and_reports_the_standard_error(tmp_path):
     mean = sum(d) / n
     paired = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
     assert abs(float(summary["gain_se_paired_mean"]) - paired) < 1e-4 and abs(mean - (p1 - p0)) < 1e-9
+
+
+def test_real_samples_regenerates_the_recorded_verdicts(tmp_path):
+    """bench/real_samples.py reloads a LoRA run's base (adapters off) and final checkpoint, lists the problems whose
+    greedy score changed, and its regenerated answers get the scores the run recorded for them."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "grpo.py"), "--total-steps", "3", "--eval-every", "2", "--eval-size", "32",
+           "--eval-samples", "1", "--eval-temperature", "0", "--lora-rank", "8", "--learning-rate", "3e-2",
+           "--sample-every", "0", "--output-dir", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "real_samples.py"), str(run_dir), "--count", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    evals = [json.loads(line) for line in (run_dir / "eval_scores.jsonl").read_text().splitlines()]
+    changed = [i for i, (a, b) in enumerate(zip(evals[0]["scores"], evals[-1]["scores"])) if a != b]
+    assert changed, "the run should move some greedy answer at this learning rate"
+    base = [r for r in rows if r["policy"] == "base"]
+    final = [r for r in rows if r["policy"] == "final"]
+    assert [r["problem"] for r in base] == [r["problem"] for r in final] and set(r["problem"] for r in base) <= set(changed)
+    assert base and all(r["score"] == r["recorded"] for r in rows), rows
+    assert all(b["recorded"] != f["recorded"] for b, f in zip(base, final))
