@@ -70,5 +70,6 @@ def main() -> None:
                               "gold": evals[i].answer, "completion": text, "score": float(verify(evals[i], text).correct),
                               "recorded": evaluation["scores"][i]}), flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -123,7 +123,8 @@ def keep_freed_memory_on_cpu(device: torch.device) -> bool:
 
     By default glibc serves each block over 32 MiB (activations, logits chunks, the tied embedding's gradient)
     with a fresh mmap and unmaps it on free, so every step faults in and zero-fills the same pages again. Kept,
-    they are reused: a SmolLM2 update 1.6x -> 1.2x its matrix-product time (bench/generation.py). The resident
+    they are reused: a SmolLM2 update 1.58x -> 1.30x its matrix-product time (1.22x past
+    the first steps) (bench/generation.py). The resident
     memory then stays at its peak. Returns whether it applied (not on CUDA, nor without glibc)."""
     libc = ctypes.util.find_library("c") if device.type == "cpu" else None
     if libc is None or not hasattr(lib := ctypes.CDLL(libc), "mallopt"):
