@@ -59,6 +59,15 @@ REAL_MODEL, REAL_DATASET = "smollm2-135m", "rg:chain_sum?min_terms=2&max_terms=3
 REAL_FLAGS = ["--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "96", "--temperature", "0.7",
               "--micro-batch-rows", "16", "--eval-size", "200", "--eval-samples", "1", "--eval-temperature", "0",
               "--eval-max-new-tokens", "128", "--lora-rank", "64", "--learning-rate", "2e-5", "--save-every", "5"]
+# --real: flags of one script's recipe added after REAL_FLAGS (its settings found by measurement on this task).
+REAL_RECIPES: dict[str, list[str]] = {}
+
+
+def real_recipe(script: str) -> list[str]:
+    """The flags that --real adds for `script` after the shared REAL_FLAGS."""
+    return REAL_RECIPES.get(script, [])
+
+
 # Per script, the algorithm's own signals (credit magnitude near the divergence is HSD's paper measure).
 DIAGNOSTICS = {"sd": ["sd/pmi_seq_mean"], "credit": ["credit/contrast_mean", "credit/sign_flip_frac"],
                "antisd": ["gate/entropy_median", "gate/h_warm", "gate/on"],
@@ -227,7 +236,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = [(alg, seed) for alg in a.algorithms for seed in a.seeds]
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        done = pool.map(lambda job: run_one(*job, a.steps, a.eval_every, a.out, extra, a.reuse), jobs)
+        done = pool.map(lambda job: run_one(*job, a.steps, a.eval_every, a.out,
+                                            extra + (real_recipe(CONFIGS[job[0]][0]) if real else []), a.reuse), jobs)
         results: dict[str, dict[int, list[dict]]] = {}
         for (alg, seed), rows in zip(jobs, done):
             results.setdefault(alg, {})[seed] = rows

@@ -4,11 +4,13 @@ Every configuration trains from the same base with the same seed for a few steps
 rounds alternate between configurations to spread machine noise, and the table reports the median
 step time of each relative to grpo.py and to its own baseline (CREDIT to SDPO's loss in sd.py, AntiSD
 to sd.py, HSD to sd.py's top-k distillation), beside the papers' claims.
-The first step of every run is dropped (warm-up). Also printed: grpo.py's step breakdown
-(generation / old-policy scoring / update fractions).
+The first step of every run is dropped (warm-up). Also printed: each configuration's mean completion
+length over the timed steps (step time grows with it, and runs sample different completions once their
+updates differ) and grpo.py's step breakdown (generation / old-policy scoring / update fractions).
 
     python bench/overhead.py                 # toy default, ~10 minutes on 2 CPU cores
     python bench/overhead.py --steps 4 --rounds 1 --only grpo sd-token   # quick look
+    python bench/overhead.py --real          # SmolLM2-135M with compare.py --real's task and recipe
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import REAL_DATASET, REAL_FLAGS, REAL_MODEL  # noqa: E402
 
 SDPO = ["--sd-loss", "logit", "--topk-from", "teacher", "--jsd-alpha", "1", "--topk", "20", "--grpo-coef", "0",
         "--teacher", "ema", "--ema-rate", "0.01"]  # CREDIT's own lam = 0 baseline
@@ -47,6 +51,12 @@ CLAIMS = {"credit": "CREDIT: about 1% over SDPO", "antisd": "AntiSD: no addition
           "sd-token": "one extra teacher forward", "sd-logit": "teacher top-k gather"}
 
 
+def real_flags() -> list[str]:
+    """compare.py --real's model, task and shared recipe, saving no checkpoints (evaluation is off in every run)."""
+    shared = [f for i, f in enumerate(REAL_FLAGS) if "--save-every" not in (f, REAL_FLAGS[i - 1])]
+    return ["--model", REAL_MODEL, "--dataset", REAL_DATASET, *shared, "--save-every", "0"]
+
+
 def run_config(name: str, steps: int, common: list[str]) -> list[dict]:
     script, extra = CONFIGS[name]
     module = importlib.import_module(script)
@@ -62,24 +72,31 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--model", default="toy")
+    p.add_argument("--real", action="store_true", help="SmolLM2-135M on compare.py --real's task with its shared "
+                                                       "settings (LoRA, no evaluation, no checkpoints); overrides --model")
     a = p.parse_args()
     common = ["--model", a.model, "--seed", "1"]
+    if a.real:
+        common = real_flags() + ["--seed", "1"]
     times: dict[str, list[float]] = {n: [] for n in a.only}
+    lengths: dict[str, list[float]] = {n: [] for n in a.only}  # step time grows with the completions' length
     breakdown: list[dict] = []
     for _ in range(a.rounds):
         for name in a.only:
             rows = run_config(name, a.steps, common)[1:]
             times[name] += [r["perf/step_s"] for r in rows]
+            lengths[name] += [r["completion/len_mean"] for r in rows]
             if name == "grpo":
                 breakdown += rows
     base = statistics.median(times["grpo"]) if "grpo" in times else None
-    print(f"\n{'config':<13} {'vs grpo':>8} {'vs baseline':>20}  claim")
+    print(f"\n{'config':<13} {'vs grpo':>8} {'vs baseline':>20} {'tokens':>7}  claim")
     for name in a.only:
         med = statistics.median(times[name])
         vs_grpo = f"{med / base:.2f}x" if base else "-"
         ref = BASELINE.get(name)
         vs_ref = f"{med / statistics.median(times[ref]):.2f}x {ref}" if ref in times else ""
-        print(f"{name:<13} {vs_grpo:>8} {vs_ref:>20}  {CLAIMS.get(name, '')}")
+        tokens = statistics.mean(lengths[name])
+        print(f"{name:<13} {vs_grpo:>8} {vs_ref:>20} {tokens:>7.1f}  {CLAIMS.get(name, '')}")
     if breakdown:
         parts = {k: statistics.median(r[f"perf/{k}_s"] / r["perf/step_s"] for r in breakdown)
                  for k in ("generate", "score", "update")}

@@ -103,3 +103,27 @@ def test_real_samples_regenerates_the_recorded_verdicts(tmp_path):
     assert [r["problem"] for r in base] == [r["problem"] for r in final] and set(r["problem"] for r in base) <= set(changed)
     assert base and all(r["score"] == r["recorded"] for r in rows), rows
     assert all(b["recorded"] != f["recorded"] for b, f in zip(base, final))
+
+
+def test_overhead_table_gives_ratios_and_lengths():
+    """bench/overhead.py times each configuration against grpo.py and prints their completion lengths."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--steps", "2", "--rounds", "1",
+                           "--only", "grpo", "sd-token", "antisd"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0] in ("grpo", "sd-token", "antisd")}
+    assert rows["grpo"][1] == "1.00x"
+    assert float(rows["antisd"][2].rstrip("x")) > 0 and rows["antisd"][3] == "sd-token"  # against its own baseline
+    assert 0 < float(rows["sd-token"][2]) <= 48  # mean completion length, within the toy's token budget
+
+
+def test_overhead_real_flags_are_compare_reals_without_checkpoints():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import compare
+    import overhead
+
+    flags = overhead.real_flags()
+    assert flags[:4] == ["--model", compare.REAL_MODEL, "--dataset", compare.REAL_DATASET]
+    assert flags.count("--save-every") == 1 and flags[flags.index("--save-every") + 1] == "0"
+    pairs = dict(zip(compare.REAL_FLAGS[::2], compare.REAL_FLAGS[1::2]))
+    assert dict(zip(flags[4::2], flags[5::2])) == pairs | {"--save-every": "0"}
