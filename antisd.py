@@ -70,7 +70,7 @@ from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, gather_floats
 from common.example import Example
 from common.run import setup
-from common.teacher import score_teacher
+from common.teacher import TEACHER_INSTRUCTION, score_teacher
 from common.tracking import warn_once
 from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
@@ -101,6 +101,8 @@ class Args(TrainArgs):
     """Append the correctness sentence on the row's own attempt (code: tests passed)."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
+    teacher_instruction: str = TEACHER_INSTRUCTION
+    """The teacher prompt's last line, after the privileged block ("" for none)."""
 
     # AntiSD
     lam_max: float = 0.5
@@ -401,7 +403,8 @@ def main(args: Args) -> None:
                   for e, v, text in zip(batch.examples, batch.verdicts, peer_texts)]
 
         # 4. Teacher scores the same completion tokens, with its full-vocabulary entropy at tau.
-        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, with_entropy=True)
+        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, with_entropy=True,
+                                instruction=args.teacher_instruction)
         t_teach = time.perf_counter()
 
         # 5. Gate: H = median teacher entropy over every completion token of the batch (all ranks).

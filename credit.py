@@ -77,7 +77,7 @@ from common.dist import all_reduce
 from common.example import Example
 from common.rollout import select_rows
 from common.run import Run, setup
-from common.teacher import ema_update, score_teacher
+from common.teacher import TEACHER_INSTRUCTION, ema_update, score_teacher
 from common.tracking import warn_once
 from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
@@ -112,6 +112,8 @@ class Args(TrainArgs):
     """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
+    teacher_instruction: str = TEACHER_INSTRUCTION
+    """The teacher prompt's last line, after the privileged block ("" for none)."""
     sd_loss: Literal["logit", "token"] = "logit"
     """`logit`: distil toward Q ∝ T exp(-lam G) (the paper); `token`: fold the sampled-token credit into A_i."""
     lam_sd: float = 1.0
@@ -351,7 +353,8 @@ def score_with_problems(run: Run, args: Args, batch: Batch, blocks: list[str], g
     problems = [batch.examples[g * args.group_size].prompt for g in groups.T.reshape(-1).tolist()]
     tiled = dataclasses.replace(batch, rollout=select_rows(batch.rollout, list(range(B)) * K))  # K copies of the rows
     index = gather_index.repeat(K, 1, 1) if gather_index is not None else None
-    scores = score_teacher(run, tiled, blocks * K, args.max_teacher_prompt_tokens, problems, gather_index=index)
+    scores = score_teacher(run, tiled, blocks * K, args.max_teacher_prompt_tokens, problems, gather_index=index,
+                           instruction=args.teacher_instruction)
     return {k: v.view(K, B, *v.shape[1:]) for k, v in scores.items()}
 
 
@@ -406,13 +409,14 @@ def main(args: Args) -> None:
         # 4. Teacher T_t = pi_T(. | x_i, z_i, y_<t) and contrast G_t from pi_T(. | x'_k, z_i, y_<t) on the same tokens.
         own = torch.arange(mask.shape[0], device=partners.device)[:, None] // args.group_size
         if logit:  # T at its own top-k + tail, then the C contrasts at T's indices (they must be known first)
-            teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, topk=args.topk, gather_topk=True)
+            teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, topk=args.topk, gather_topk=True,
+                                    instruction=args.teacher_instruction)
             contrast_scores = score_with_problems(run, args, batch, blocks, partners, teacher["topk_index"])
         elif args.contrast_weight > 0:  # sampled tokens only: the main and the C contrast passes in one call
             scores = score_with_problems(run, args, batch, blocks, torch.cat([own, partners], 1))
             teacher, contrast_scores = {k: v[0] for k, v in scores.items()}, {"logprobs": scores["logprobs"][1:]}
         else:  # padded exactly as sd.py's pass, so that lam = 0 is sd.py bit for bit
-            teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens)
+            teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, instruction=args.teacher_instruction)
             contrast_scores = score_with_problems(run, args, batch, blocks, partners)
         contrast = contrast_scores["logprobs"]
         t_teach = time.perf_counter()

@@ -72,7 +72,7 @@ from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, unsharded
 from common.example import Example
 from common.run import setup
-from common.teacher import ema_update, score_teacher
+from common.teacher import TEACHER_INSTRUCTION, ema_update, score_teacher
 from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
 
@@ -104,6 +104,8 @@ class Args(TrainArgs):
     """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
+    teacher_instruction: str = TEACHER_INSTRUCTION
+    """The teacher prompt's last line, after the privileged block ("" for none)."""
     sd_loss: Literal["kl", "token", "logit"] = "kl"
     """`kl`: full-vocabulary per-token KL (the paper); `token`: fold lam * u into A_i; `logit`: sd.py's top-k JSD."""
     kl_direction: Literal["reverse", "forward"] = "reverse"
@@ -431,7 +433,7 @@ def main(args: Args) -> None:
         # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t) (KL mode: also its final
         #    hidden states, from which the update recomputes its full-vocabulary distribution chunk by chunk).
         teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
-                                return_hidden=kl)
+                                return_hidden=kl, instruction=args.teacher_instruction)
         t_teach = time.perf_counter()
 
         # 5. Credit u = t - s_old (0 on skipped rows). KL mode: the per-token KL(S_t || T_t) loss of Eq. 10;
@@ -460,7 +462,7 @@ def main(args: Args) -> None:
             t1 = time.perf_counter()
             answer_only = score_teacher(run, batch, [privileged_block(e, v, None, args.feedback)
                                                      for e, v in zip(batch.examples, batch.verdicts)],
-                                        args.max_teacher_prompt_tokens)
+                                        args.max_teacher_prompt_tokens, instruction=args.teacher_instruction)
             credits["_answer_only"] = token_credit(answer_only["logprobs"], old["logprobs"], mask)
             metrics["perf/diagnostics_s"] = time.perf_counter() - t1
         t_diag = time.perf_counter()

@@ -23,6 +23,8 @@ Choices (see docs/sd.md):
   `initial` (OPSD, the frozen starting model).
 - Teacher prompt: one user turn `{problem}\\n\\n{privileged}\\n\\nNow solve the original problem step by
   step.` in the student's chat template; a too-long privileged block is cut from its middle.
+  `--teacher-instruction` replaces that last line ("" drops it: on a task that asks for a short final
+  answer, "step by step" makes the teacher prefer long explanations).
 - Logit mode takes the top-k indices from the rollout policy's distribution (the old-policy pass), so
   the teacher is scored once per step; with one update per batch that is the current student's top-k.
   `--topk-from teacher` takes the teacher's own top-k instead (CREDIT's SDPO baseline: credit.py at
@@ -52,7 +54,7 @@ from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce
 from common.example import Example
 from common.run import setup
-from common.teacher import ema_update, score_teacher
+from common.teacher import TEACHER_INSTRUCTION, ema_update, score_teacher
 from common.tracking import warn_once
 from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
@@ -87,6 +89,8 @@ class Args(TrainArgs):
     """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
+    teacher_instruction: str = TEACHER_INSTRUCTION
+    """The teacher prompt's last line, after the privileged block ("" for none)."""
     sd_loss: Literal["token", "logit"] = "token"
     """`token`: fold lam * u into the advantage; `logit`: add a top-k generalized-JSD distillation loss."""
     lam: float = 0.5
@@ -293,7 +297,8 @@ def main(args: Args) -> None:
         # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t) (logit mode: also its
         #    log-probs at the student's top-k, or at its own top-k, + the tail bucket).
         teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
-                                topk=args.topk if teacher_topk else 0, gather_topk=teacher_topk)
+                                topk=args.topk if teacher_topk else 0, gather_topk=teacher_topk,
+                                instruction=args.teacher_instruction)
         distill_index = (teacher if teacher_topk else old).get("topk_index")
         t_teach = time.perf_counter()
 

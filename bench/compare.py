@@ -59,8 +59,11 @@ REAL_MODEL, REAL_DATASET = "smollm2-135m", "rg:chain_sum?min_terms=2&max_terms=3
 REAL_FLAGS = ["--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "96", "--temperature", "0.7",
               "--micro-batch-rows", "16", "--eval-size", "200", "--eval-samples", "1", "--eval-temperature", "0",
               "--eval-max-new-tokens", "128", "--lora-rank", "64", "--learning-rate", "2e-5", "--save-every", "5"]
-# --real: flags of one script's recipe added after REAL_FLAGS (its settings found by measurement on this task).
-REAL_RECIPES: dict[str, list[str]] = {}
+# --real: flags of one script's recipe added after REAL_FLAGS (settings found by measurement on this task). The SD
+# scripts' teacher prompt ends without "Now solve the original problem step by step.": on SmolLM2 that line made the
+# teacher prefer long explanations to the task's short answers (it scored the end of a short answer ~1.1 nats below the
+# student, against ~0.3 without it), and completions grew to the 96-token cap.
+REAL_RECIPES: dict[str, list[str]] = {script: ["--teacher-instruction", ""] for script in ("sd", "credit", "antisd", "hsd")}
 
 
 def real_recipe(script: str) -> list[str]:

@@ -21,9 +21,9 @@ TEACHER_INSTRUCTION = "Now solve the original problem step by step."
 CUT_MARK = "\n[...]\n"
 
 
-def teacher_prompt(problem: str, privileged: str) -> str:
-    """The teacher's user message: `{problem}\\n\\n{privileged block}\\n\\n{instruction}`."""
-    return f"{problem}\n\n{privileged}\n\n{TEACHER_INSTRUCTION}"
+def teacher_prompt(problem: str, privileged: str, instruction: str = TEACHER_INSTRUCTION) -> str:
+    """The teacher's user message: `{problem}\\n\\n{privileged block}\\n\\n{instruction}` (no last line if it is "")."""
+    return "\n\n".join([problem, privileged, *([instruction] if instruction else [])])
 
 
 def shorten_middle(tokenizer: PreTrainedTokenizerBase, text: str, drop_tokens: int) -> str:
@@ -35,16 +35,17 @@ def shorten_middle(tokenizer: PreTrainedTokenizerBase, text: str, drop_tokens: i
 
 
 def teacher_inputs(tokenizer: PreTrainedTokenizerBase, problems: list[str], blocks: list[str], max_tokens: int,
-                   device: torch.device, enable_thinking: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   device: torch.device, enable_thinking: bool = False,
+                   instruction: str = TEACHER_INSTRUCTION) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded teacher prompt ids and mask, one row per (problem, block); also which rows were shortened."""
     rendered, shortened = [], []
     for problem, block in zip(problems, blocks):
-        text = render_prompts(tokenizer, [teacher_prompt(problem, block)], enable_thinking)[0]
+        text = render_prompts(tokenizer, [teacher_prompt(problem, block, instruction)], enable_thinking)[0]
         excess = len(tokenizer(text, add_special_tokens=False).input_ids) - max_tokens
         if excess > 0 and block:
             mark = len(tokenizer(CUT_MARK, add_special_tokens=False).input_ids)
             block = shorten_middle(tokenizer, block, excess + mark + 2)  # +2: merges at the cut may re-add a token
-            text = render_prompts(tokenizer, [teacher_prompt(problem, block)], enable_thinking)[0]
+            text = render_prompts(tokenizer, [teacher_prompt(problem, block, instruction)], enable_thinking)[0]
         shortened.append(excess > 0 and bool(block))
         rendered.append(text)
     ids, mask = tokenize_left(tokenizer, rendered, device)
@@ -52,17 +53,19 @@ def teacher_inputs(tokenizer: PreTrainedTokenizerBase, problems: list[str], bloc
 
 
 def score_teacher(run, batch, blocks: list[str], max_prompt_tokens: int, problems: list[str] | None = None,
-                  gather_index: torch.Tensor | None = None, model: torch.nn.Module | None = None, **stats) -> dict:
+                  gather_index: torch.Tensor | None = None, model: torch.nn.Module | None = None,
+                  instruction: str = TEACHER_INSTRUCTION, **stats) -> dict:
     """Teacher log-probs of the batch's own completion tokens after per-row teacher prompts (problem + block).
 
-    `problems` defaults to each row's own prompt; `model` to the run's teacher weights. Rows whose teacher
+    `problems` defaults to each row's own prompt; `model` to the run's teacher weights; `instruction` is the
+    prompt's last line (`teacher_prompt`). Rows whose teacher
     prompts are identical (an answer-only block, the same feedback, a repeated peer) run that prompt once.
     Also returns `shortened` (rows whose block was cut) and `prompt_len` (teacher prompt tokens) per row.
     """
     a, r = run.args, batch.rollout
     problems = problems if problems is not None else [e.prompt for e in batch.examples]
     ids, mask, shortened = teacher_inputs(run.tokenizer, problems, blocks, max_prompt_tokens, run.d.device,
-                                          a.enable_thinking)
+                                          a.enable_thinking, instruction)
     with run.d.autocast():
         out = score_completions(model if model is not None else run.teacher_model, ids, mask, r.completion_ids,
                                 r.completion_mask, a.temperature, a.logprob_chunk, a.micro_batch_rows,

@@ -173,3 +173,35 @@ def test_logit_mode_and_ema_resume(tiny_model_dir, tmp_path, monkeypatch):
     assert run.start_step == 3
     torch.testing.assert_close(run.teacher.lm.model.layers[0].mlp.up_proj.weight, teacher_w)
     assert checkpoint.find(tmp_path / "l") is not None
+
+
+def test_teacher_instruction_is_the_prompts_last_line_or_absent(tokenizer):
+    assert teacher_prompt("Q", "B") == "Q\n\nB\n\nNow solve the original problem step by step."
+    assert teacher_prompt("Q", "B", "Answer it.") == "Q\n\nB\n\nAnswer it."
+    assert teacher_prompt("Q", "B", "") == "Q\n\nB"
+    ids, mask, _ = teacher_inputs(tokenizer, ["Compute 1+2."], ["B"], 10_000, torch.device("cpu"), instruction="")
+    assert tokenizer.decode(ids[0][mask[0].bool()]) == render_prompts(tokenizer, ["Compute 1+2.\n\nB"])[0]
+
+
+@pytest.mark.parametrize("script", ["sd", "credit", "antisd", "hsd"])
+def test_teacher_instruction_flag_reaches_every_teacher_pass(script, tiny_model_dir, tmp_path, monkeypatch):
+    """--teacher-instruction "" drops the last line from every teacher prompt a script scores (the contrast and
+    answer-only diagnostic passes included); the default keeps it."""
+    import importlib
+
+    from common import teacher
+
+    module, seen = importlib.import_module(script), []
+    original = teacher.teacher_inputs
+
+    def recording(tok, problems, blocks, max_tokens, device, enable_thinking=False, instruction="unset"):
+        seen.append(instruction)
+        return original(tok, problems, blocks, max_tokens, device, enable_thinking, instruction)
+
+    monkeypatch.setattr(teacher, "teacher_inputs", recording)
+    extra = ["--diagnostics-every", "1"] if script == "hsd" else []
+    run_script(module, tiny_model_dir, tmp_path / "none", "--teacher-instruction", "", *extra)
+    assert seen and set(seen) == {""}
+    seen.clear()
+    run_script(module, tiny_model_dir, tmp_path / "default", *extra)
+    assert seen and set(seen) == {teacher.TEACHER_INSTRUCTION}
