@@ -127,3 +127,31 @@ def test_overhead_real_flags_are_compare_reals_without_checkpoints():
     assert flags.count("--save-every") == 1 and flags[flags.index("--save-every") + 1] == "0"
     pairs = dict(zip(compare.REAL_FLAGS[::2], compare.REAL_FLAGS[1::2]))
     assert dict(zip(flags[4::2], flags[5::2])) == pairs | {"--save-every": "0"}
+
+
+def test_teacher_signal_summary_against_explicit_sums():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from teacher_signal import credit_summary
+
+    torch.manual_seed(0)
+    u, lengths = torch.randn(6, 5), [5, 3, 1, 4, 2, 5]
+    mask = torch.tensor([[1.0] * n + [0.0] * (5 - n) for n in lengths])
+    correct = torch.tensor([True, False, True, False, False, True])
+    ended = torch.tensor([True, True, False, True, True, False])
+    pmi = [sum(u[i, t].item() for t in range(n)) for i, n in enumerate(lengths)]
+    s = credit_summary(u * mask, mask, correct, ended)
+    assert abs(s["pmi_correct"] - (pmi[0] + pmi[2] + pmi[5]) / 3) < 1e-5
+    assert abs(s["pmi_wrong"] - (pmi[1] + pmi[3] + pmi[4]) / 3) < 1e-5
+    assert abs(s["u_token"] - sum(pmi) / sum(lengths)) < 1e-5
+    eos = [u[i, n - 1].item() for i, n in enumerate(lengths) if ended[i]]
+    assert abs(s["u_eos"] - sum(eos) / len(eos)) < 1e-5
+
+
+def test_teacher_signal_quick_prints_every_setting():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "teacher_signal.py"), "--model", "toy", "--dataset", "toy",
+                           "--quick", "--instructions", "Now solve the original problem step by step.", ""],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("'Now", "''"))]
+    assert len(rows) == 4 and sum(" on " in r for r in rows) == 2
