@@ -18,7 +18,7 @@ independent), collects each `metrics.jsonl`, and writes into `--out`:
     python bench/compare.py --real --reuse       # continue it: finished runs are read, interrupted ones resume
 
 Runs go `--jobs` at a time (default: one per CPU core; one with `--real`), each with one torch thread, so a
-run's metrics do not depend on how many run beside it. `--real` writes into results/real/ and adds to
+run's metrics do not depend on how many run beside it; each run's output goes to `runs/{algorithm}-{seed}.log`. `--real` writes into results/real/ and adds to
 summary.csv the number of eval problems and the standard error of each gain.
 """
 from __future__ import annotations
@@ -100,9 +100,14 @@ def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, e
     started = time.perf_counter()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    # The run's output goes to a file, not a pipe: a run outlives this process if it is stopped (a closed pipe
+    # would end the run at its next line), and its progress can be followed while it trains.
+    log = out / "runs" / f"{algorithm}-{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed (output in {log}):\n{log.read_text()[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     print(f"{algorithm:>7} seed {seed}: final eval/accuracy {rows[-1]['eval/accuracy']:.3f} "
           f"({time.perf_counter() - started:.0f}s)", flush=True)

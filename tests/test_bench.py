@@ -155,3 +155,15 @@ def test_teacher_signal_quick_prints_every_setting():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("'Now", "''"))]
     assert len(rows) == 4 and sum(" on " in r for r in rows) == 2
+
+
+def test_compare_run_output_goes_to_a_log_named_in_the_error(tmp_path):
+    """A run writes to runs/{algorithm}-{seed}.log (never a pipe that dies with compare.py); a failed run's error
+    names the log and quotes its end."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--quick", "--algorithms", "grpo",
+                           "--out", str(tmp_path), "--", "--learning-rate", "0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    log = tmp_path / "runs" / "grpo-1.log"
+    assert "--learning-rate must be" in log.read_text()
+    assert f"output in {log}" in proc.stderr and "--learning-rate must be" in proc.stderr
