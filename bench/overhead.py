@@ -10,7 +10,7 @@ updates differ) and grpo.py's step breakdown (generation / old-policy scoring / 
 
     python bench/overhead.py                 # toy default, ~10 minutes on 2 CPU cores
     python bench/overhead.py --steps 4 --rounds 1 --only grpo sd-token   # quick look
-    python bench/overhead.py --real          # SmolLM2-135M with compare.py --real's task and recipe
+    python bench/overhead.py --real          # SmolLM2-135M with compare.py --real's task and shared settings
 """
 from __future__ import annotations
 
