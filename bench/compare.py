@@ -63,7 +63,12 @@ REAL_FLAGS = ["--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "96
 # scripts' teacher prompt ends without "Now solve the original problem step by step.": on SmolLM2 that line made the
 # teacher prefer long explanations to the task's short answers (it scored the end of a short answer ~1.1 nats below the
 # student, against ~0.3 without it), and completions grew to the 96-token cap.
+# sd.py and credit.py also drop the feedback sentence (--no-feedback): with the answer in the block, "Your answer was
+# incorrect/correct" made the teacher score even correct answers ~1.2 nats below the student (bench/teacher_signal.py:
+# pMI of correct rows -1.19 with it, -0.02 without), so distillation pushed good answers down too.
 REAL_RECIPES: dict[str, list[str]] = {script: ["--teacher-instruction", ""] for script in ("sd", "credit", "antisd", "hsd")}
+REAL_RECIPES["sd"] += ["--no-feedback"]
+REAL_RECIPES["credit"] += ["--no-feedback"]
 
 
 def real_recipe(script: str) -> list[str]:

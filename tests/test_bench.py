@@ -129,6 +129,24 @@ def test_overhead_real_flags_are_compare_reals_without_checkpoints():
     assert dict(zip(flags[4::2], flags[5::2])) == pairs | {"--save-every": "0"}
 
 
+def test_real_recipes_parse_with_their_scripts(tmp_path):
+    """Every script's --real command line (shared flags + its recipe) is valid, and the recipe sets what README says:
+    the SD scripts' teacher prompt without its last line, and no feedback sentence in sd.py's and credit.py's."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import compare
+    from common.args import cli
+
+    for script in compare.REAL_SCRIPTS:
+        flags = [*compare.REAL_FLAGS, *compare.real_recipe(script), "--output-dir", str(tmp_path / script)]
+        args = cli(importlib.import_module(script).Args, args=flags)
+        assert args.lora_rank == 64 and args.eval_size == 200 and args.eval_temperature == 0
+        if script != "grpo":
+            assert args.teacher_instruction == ""
+            assert args.feedback is (script == "antisd")  # hsd.py's default is already off; antisd.py keeps its own
+
+
 def test_teacher_signal_summary_against_explicit_sums():
     sys.path.insert(0, str(ROOT / "bench"))
     import torch
