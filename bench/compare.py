@@ -65,9 +65,11 @@ REAL_FLAGS = ["--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "96
 # student, against ~0.3 without it), and completions grew to the 96-token cap.
 # sd.py and credit.py also drop the feedback sentence (--no-feedback): with the answer in the block, "Your answer was
 # incorrect/correct" made the teacher score even correct answers ~1.2 nats below the student (bench/teacher_signal.py:
-# pMI of correct rows -1.19 with it, -0.02 without), so distillation pushed good answers down too.
+# pMI of correct rows -1.19 with it, -0.02 without), so distillation pushed good answers down too. sd.py weights its
+# token credit at lam 0.1 (default 0.5): at 0.5 the student learned to state a number without writing the sum out
+# ("The final answer is 8" where the base wrote "1 + 5 = 6"), and greedy accuracy went 0.205 -> 0.210 -> 0.100.
 REAL_RECIPES: dict[str, list[str]] = {script: ["--teacher-instruction", ""] for script in ("sd", "credit", "antisd", "hsd")}
-REAL_RECIPES["sd"] += ["--no-feedback"]
+REAL_RECIPES["sd"] += ["--no-feedback", "--lam", "0.1"]
 REAL_RECIPES["credit"] += ["--no-feedback"]
 
 

@@ -131,7 +131,7 @@ def test_overhead_real_flags_are_compare_reals_without_checkpoints():
 
 def test_real_recipes_parse_with_their_scripts(tmp_path):
     """Every script's --real command line (shared flags + its recipe) is valid, and the recipe sets what README says:
-    the SD scripts' teacher prompt without its last line, and no feedback sentence in sd.py's and credit.py's."""
+    the SD scripts' teacher prompt without its last line, no feedback sentence in sd.py's and credit.py's, sd.py's lam."""
     import importlib
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -145,6 +145,8 @@ def test_real_recipes_parse_with_their_scripts(tmp_path):
         if script != "grpo":
             assert args.teacher_instruction == ""
             assert args.feedback is (script == "antisd")  # hsd.py's default is already off; antisd.py keeps its own
+        if script == "sd":
+            assert args.lam == 0.1  # its token credit at a fifth of the default
 
 
 def test_teacher_signal_summary_against_explicit_sums():
