@@ -18,8 +18,9 @@ independent), collects each `metrics.jsonl`, and writes into `--out`:
     python bench/compare.py --real --reuse       # continue it: finished runs are read, interrupted ones resume
 
 Runs go `--jobs` at a time (default: one per CPU core; one with `--real`), each with one torch thread, so a
-run's metrics do not depend on how many run beside it; each run's output goes to `runs/{algorithm}-{seed}.log`. `--real` writes into results/real/ and adds to
-summary.csv the number of eval problems and the standard error of each gain.
+run's metrics do not depend on how many run beside it; each run's output goes to `runs/{algorithm}-{seed}.log`.
+`--real` writes into results/real/ and adds to summary.csv the number of eval problems and the standard error
+of each gain.
 """
 from __future__ import annotations
 
