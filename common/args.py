@@ -165,6 +165,8 @@ class TrainArgs:
     """Samples per eval prompt (k of avg@k / pass@k)."""
     eval_temperature: float = 1.0
     """Eval sampling temperature (0 = greedy)."""
+    eval_top_p: float = 1.0
+    """Eval nucleus sampling (the papers' protocol, e.g. AntiSD: --eval-temperature 0.7 --eval-top-p 0.95)."""
     eval_max_new_tokens: int | None = None
     """Token budget of an evaluation completion (default: --max-new-tokens)."""
     eval_batch_prompts: int = 64
@@ -221,6 +223,7 @@ class TrainArgs:
         check(self.eval_size, "eval_size", low=1)
         check(self.eval_samples, "eval_samples", low=1)
         check(self.eval_temperature, "eval_temperature", low=0, why="0 is greedy decoding")
+        check(self.eval_top_p, "eval_top_p", 0, 1, low_open=True)
         if self.eval_max_new_tokens is not None:
             check(self.eval_max_new_tokens, "eval_max_new_tokens", low=1)
         check(self.eval_batch_prompts, "eval_batch_prompts", low=1)

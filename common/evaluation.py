@@ -11,8 +11,8 @@ from common.verifiers import verify
 
 
 def evaluate(policy, tokenizer, examples: list[Example], d: Dist, max_new_tokens: int, samples: int = 1,
-             temperature: float = 0.0, batch_prompts: int = 64,
-             enable_thinking: bool = False) -> tuple[dict, list[dict], list[float]]:
+             temperature: float = 0.0, batch_prompts: int = 64, enable_thinking: bool = False,
+             top_p: float = 1.0) -> tuple[dict, list[dict], list[float]]:
     """Accuracy over `examples` split across ranks; returns (metrics, a few sample rows, each problem's fraction of
     correct samples in the order of `examples`: two evaluations of one set compare problem by problem)."""
     mine = examples[d.rank::d.world_size]
@@ -21,7 +21,7 @@ def evaluate(policy, tokenizer, examples: list[Example], d: Dist, max_new_tokens
     for i in range(0, len(mine), batch_prompts):
         batch = mine[i:i + batch_prompts]
         rollout = generate(policy, tokenizer, render_prompts(tokenizer, [e.prompt for e in batch], enable_thinking),
-                           samples, max_new_tokens, temperature, autocast=d.autocast)
+                           samples, max_new_tokens, temperature, top_p, autocast=d.autocast)
         verdicts = [verify(e, rollout.texts[j * samples + s]) for j, e in enumerate(batch) for s in range(samples)]
         ok = torch.tensor([v.correct for v in verdicts], dtype=torch.float64).view(len(batch), samples)
         correct += ok.mean(1).sum()

@@ -102,7 +102,8 @@ class Run:
             torch.manual_seed(hash((a.seed, self.d.rank, step)) % 2**63)
             metrics, table, scores = evaluate(self.policy, self.tokenizer, self.eval_set, self.d,
                                               a.eval_max_new_tokens or a.max_new_tokens, a.eval_samples,
-                                              a.eval_temperature, a.eval_batch_prompts, enable_thinking=a.enable_thinking)
+                                              a.eval_temperature, a.eval_batch_prompts, enable_thinking=a.enable_thinking,
+                                              top_p=a.eval_top_p)
         self.tracker.samples(step, [{"split": "eval", **row} for row in table])
         self.tracker.eval_scores(step, scores)
         return {**metrics, "perf/eval_s": time.perf_counter() - t0}
