@@ -18,9 +18,11 @@ answer explains (u > 0), switched off by an entropy gate when the teacher's entr
     H        = median over the batch's completion tokens of the teacher's full-vocabulary entropy at tau
     g        = 0 for the first W warm-up steps, which record H_warm; tau_down = 0.93 * H_warm; then a
                Schmitt trigger from g = 1: 1 -> 0 when H < tau_down, 0 -> 1 when H >= H_warm.
-    c_i      = a correct rollout of the same group other than row i (else the reference solution or the
-               answer), then `Your answer is correct.` / `Your answer is incorrect.`
-               (code: `Your code passes N of M test cases.`)
+    c_i      = Appendix C's template: `{prompt}\n\nYour previous attempt:\n{verified solution}\n\nPrevious
+               assessment: {feedback}\nNow solve this problem step by step.`, the verified solution a
+               correct rollout of the same group other than row i (else the dataset's reference solution),
+               the feedback `Your answer is correct.` / `... incorrect.` (code: `Your code passes N of M
+               test cases.`) on the row's own attempt.
 
 Choices the paper leaves open or that differ from it, and their flags:
 - H_warm is the median of all pooled warm-up token entropies (`--h-warm-agg pooled`, default) or the
@@ -33,9 +35,9 @@ Choices the paper leaves open or that differ from it, and their flags:
 - `--no-gate`: g = 1 from step 0, no warm-up (H is still logged).
 - Peer: sampled uniformly from the group's other correct rows ([paper]: "sampled from the rollout
   group"; excluding the row itself is a choice), from a generator seeded by (seed, rank, step), never
-  the global RNG; `--peer first` takes the first one (the project's earlier choice). Without a correct
-  peer, `--privileged` picks the reference solution (default) or the answer only; `--no-feedback`
-  drops the sentence.
+  the global RNG; `--peer first` takes the first one (the project's earlier choice). A dataset without
+  reference solutions shows the final answer in its place.
+- The template's line breaks are read from the paper's rendered figure (it prints no source text).
 - `--divergence revkl`: delta = -u (reverse-KL ascent) instead of JSD.
 - Teacher weights: the current policy (there is no `--teacher`); token mode only (no `--sd-loss`).
   `--lam-max` plays the part of sd.py's `--lam`.
@@ -70,7 +72,7 @@ from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, gather_floats
 from common.example import Example
 from common.run import setup
-from common.teacher import TEACHER_INSTRUCTION, score_teacher
+from common.teacher import TeacherMessage, score_teacher
 from common.tracking import warn_once
 from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
@@ -94,15 +96,9 @@ class Args(TrainArgs):
     grpo_coef: float = 1.0
     """Scale of the GRPO advantage."""
 
-    # Teacher context (sd.py)
-    privileged: Literal["solution", "answer"] = "solution"
-    """Without a correct peer: the reference solution (answer when missing) or the final answer only."""
-    feedback: bool = True
-    """Append the correctness sentence on the row's own attempt (code: tests passed)."""
+    # Teacher context (Appendix C)
     max_teacher_prompt_tokens: int = 1024
-    """Teacher prompts longer than this have their privileged block shortened in the middle."""
-    teacher_instruction: str = TEACHER_INSTRUCTION
-    """The teacher prompt's last line, after the privileged block ("" for none)."""
+    """Teacher prompts longer than this have their verified solution shortened in the middle."""
 
     # AntiSD
     lam_max: float = 0.5
@@ -208,23 +204,16 @@ def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logpro
 
 
 # ---------------------------------------------------------------------------------------------------
-# sd.py's fallback context and token credit (copied, kept identical by a test).
+# sd.py's reference solution, token credit and metrics (copied, kept identical by a test).
 
 
-# Same as sd.py: answer_block
-def answer_block(example: Example) -> str:
-    """The endpoint cue: only the final answer."""
-    return f"The correct final answer is: {example.answer}"
-
-
-# Same as sd.py: reference_block
-def reference_block(example: Example, mode: str) -> str:
-    """The dataset's reference solution (`solution`; the answer when there is none) or the answer only."""
-    if mode == "solution" and example.solution:
+# Same as sd.py: reference_solution
+def reference_solution(example: Example) -> str:
+    """The dataset's worked solution; its final answer when it has none (said once)."""
+    if example.solution:
         return example.solution
-    if mode == "solution":
-        warn_once("no-solution", "note: examples without a reference solution use the answer-only block")
-    return answer_block(example)
+    warn_once("no-solution", "note: examples without a reference solution show the teacher their final answer")
+    return example.answer
 
 
 # Same as sd.py: token_credit
@@ -234,7 +223,7 @@ def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mas
 
 
 # Same as sd.py: sd_metrics
-def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distilled: torch.Tensor, t_teacher: float) -> dict:
+def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
     """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
     n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
     return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
@@ -243,7 +232,6 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distille
             "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
             "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
             "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
-            "sd/frac_rows_distilled": (all_reduce(distilled.float().sum()) / n_rows).item(),
             "perf/teacher_s": t_teacher}
 
 
@@ -323,7 +311,7 @@ class EntropyGate:
         self.counts, self.medians = state["counts"], list(state["medians"])
 
 
-# Same as hsd.py: choose_peers
+# Same as sd.py: choose_peers
 def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
                  lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Per row, the batch index of a successful other row of its group, or -1 when there is none.
@@ -347,17 +335,19 @@ def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: t
 
 
 def correctness_sentence(example: Example, verdict: Verdict) -> str:
-    """Verifier feedback on the row's own attempt; code reward is the fraction of tests passed."""
+    """AntiSD's assessment of the row's own attempt: binary for math, the tests passed for code (Appendix C)."""
     if example.task == "code":
         m = len(example.tests or [])
         return f"Your code passes {round(verdict.reward * m)} of {m} test cases."
     return "Your answer is correct." if verdict.correct else "Your answer is incorrect."
 
 
-def privileged_block(example: Example, verdict: Verdict, peer_text: str | None, mode: str, feedback: bool) -> str:
-    """c_i: a verified solution (a correct peer rollout, else the reference solution or answer), then feedback."""
-    block = peer_text if peer_text is not None else reference_block(example, mode)
-    return f"{block}\n\n{correctness_sentence(example, verdict)}" if feedback else block
+def antisd_message(example: Example, verdict: Verdict, peer: str | None) -> TeacherMessage:
+    """AntiSD's teacher context (Appendix C): a verified solution (a correct peer, else the reference), the assessment."""
+    return TeacherMessage(f"{example.prompt}\n\nYour previous attempt:\n",
+                          peer if peer is not None else reference_solution(example),
+                          f"\n\nPrevious assessment: {correctness_sentence(example, verdict)}\n"
+                          "Now solve this problem step by step.")
 
 
 def antisd_metrics(delta: torch.Tensor, credit: torch.Tensor, token_advantages: torch.Tensor, mask: torch.Tensor,
@@ -394,17 +384,15 @@ def main(args: Args) -> None:
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
-        # 3. Teacher context c_i: a correct peer of the group (else the solution), then correctness feedback.
+        # 3. Teacher context c_i (Appendix C): a correct peer of the group (else the reference), the assessment.
         correct = torch.tensor([v.correct for v in batch.verdicts])
         generator = torch.Generator().manual_seed((args.seed + run.d.rank) * 1_000_003 + step)  # not the global RNG
         peers = choose_peers(correct, args.group_size, args.peer, generator).tolist()
-        peer_texts = [batch.rollout.texts[p] if p >= 0 else None for p in peers]
-        blocks = [privileged_block(e, v, text, args.privileged, args.feedback)
-                  for e, v, text in zip(batch.examples, batch.verdicts, peer_texts)]
+        messages = [antisd_message(e, v, batch.rollout.texts[p] if p >= 0 else None)
+                    for e, v, p in zip(batch.examples, batch.verdicts, peers)]
 
         # 4. Teacher scores the same completion tokens, with its full-vocabulary entropy at tau.
-        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, with_entropy=True,
-                                instruction=args.teacher_instruction)
+        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, with_entropy=True)
         t_teach = time.perf_counter()
 
         # 5. Gate: H = median teacher entropy over every completion token of the batch (all ranks).
@@ -421,8 +409,7 @@ def main(args: Args) -> None:
         metrics |= optimize(run, batch, lambda mb: policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs), step)
         t_update = time.perf_counter()
 
-        distilled = torch.full((mask.shape[0],), g * args.lam_max != 0, device=mask.device)
-        metrics |= sd_metrics(credit, teacher, mask, distilled, t_teach - t_score)
+        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
         has_peer = torch.tensor([p >= 0 for p in peers], device=mask.device)
         metrics |= antisd_metrics(delta, credit, token_advantages, mask, has_peer)
         metrics |= {"gate/entropy_median": h, "gate/on": g}

@@ -5,57 +5,26 @@ Distillation" (arXiv 2605.11613). Source status: SECONDARY. The paper's text and
 read here; two independent secondary sources (an audit note quoting its Eq. 8, Algorithm 1 and
 Appendix A Table 3, and a summary of the PDF) agree on what follows. See docs/credit.md.
 
-Idea: part of what makes a self-teacher shown feedback z like a token is generic: it would like it
-after any problem, given the same z. CREDIT removes that part with a batch-contrastive baseline, the
-teacher re-scored with the problem swapped for an unrelated prompt x' of the same batch:
+Idea: CREDIT is SDPO plus a correction. Part of what makes a self-teacher shown feedback z like a
+token is generic: it would like it after any problem, given the same z. CREDIT removes that part with
+a batch-contrastive baseline, the teacher re-scored with the problem swapped for an unrelated prompt
+x' of the same batch:
 
-    S_t(v) = pi_theta(v | x, y_<t)     T_t(v) = pi_T(v | x, z, y_<t)     (student; teacher with feedback z)
+    S_t(v) = pi_theta(v | x, y_<t)     T_t(v) = pi_T(v | x, z, y_<t)     (student; teacher with SDPO's z)
     G_t(v) = (1/C) sum_k log pi_T(v | x'_k, z, y_<t)                      (contrast: C unrelated problems)
     R_t(v) = log T_t(v) - log S_t(v) - lam * G_t(v)                        (vocabulary-level reward, Eq. 8)
-    L      = lam_sd * mean_t w_t KL(S_t || Q_t),  Q_t(v) ∝ T_t(v) exp(-lam G_t(v))   (reverse-KL distillation)
+    L      = lam_sd * mean_t w_t D_alpha(S_t || Q_t),  Q_t(v) ∝ T_t(v) exp(-lam G_t(v))   (SDPO's loss on Q)
 
-KL(S || Q) = -E_S[R] + log Z with Z the normaliser of Q, which does not depend on the student: minimising
-it ascends the expected vocabulary-level reward, so R drives SDPO's distillation gradient. There is no GRPO term (GRPO and SDPO are the paper's baselines); at lam = 0
-this is SDPO's loss, which `sd.py --sd-loss logit --topk-from teacher --jsd-alpha 1 --topk 20
---grpo-coef 0 --teacher ema --ema-rate 0.01` reproduces bit for bit (test).
-
-The paper's recipe, the defaults here [secondary: Table 3]: C = 1 contrast input (`--num-contrast`),
-lam = 0.1 (`--contrast-weight`; larger values over-debias), teacher = EMA of the student at rate 0.01
-(`--teacher ema --ema-rate 0.01`), reverse KL on the teacher's top-20 plus a tail bucket (the code-task
-setting: `--jsd-alpha 1 --topk 20`; the science setting is `--jsd-alpha 0.5 --topk 100`), no GRPO term
-(`--grpo-coef 0`), training temperature 1. Its lr 1e-6 and 32 x 8 batches are for 8B models; on the
-toy task the shared defaults apply (lr 3e-4, 8 x 8).
-
-Choices the sources leave open, made here:
-- Top-k, tail and contrast: T's log-probs at the teacher's own top-k indices plus the tail bucket
-  log(1 - sum_topk T); each contrast input's log-probs at the same k indices plus its own tail; G is
-  their mean over the C inputs (bucket by bucket, in log space); log Q = log T - lam G renormalised
-  over the k + 1 buckets. At lam = 0, Q is T's buckets as they are (they already sum to one), which
-  keeps lam = 0 equal to SDPO's loss bit for bit.
-- The JSD setting (`--jsd-alpha` between 0 and 1) uses Q in place of T: D_alpha(S || Q).
-- w_t = min(exp(s_t - s_old_t), 2) detached, as SDPO (exactly 1 with one update per batch).
-- Partners: per prompt group, from a seeded derangement over the batch's prompt groups (never the
-  row's own group; all rows of a group share partners); needs at least 2 prompts per rank.
-- Teacher context z: sd.py's (reference solution or answer, then feedback on the attempt).
-- The contrast pass needs the teacher's top-k indices, so it is a second scoring call after the
-  teacher's (all C inputs in one call); the sampled-token contrast is scored with it for the metrics.
-
-The earlier reconstruction, in the GRPO frame (`--sd-loss token --grpo-coef 1 --contrast-weight 0.5
---teacher current`): a one-sample estimate of the same reverse-KL gradient folded into the advantage,
-
-    delta_t = t_t(x_i, z_i) - lam * mean_k t_t(x'_k, z_i) - s_old_t,    A_t = A_i + lam_token * delta_t
-
-with `--lam` as lam_token; at `--contrast-weight 0` it is `sd.py --sd-loss token` bit for bit (test).
-Here the main and the C contrast passes are one scoring call of (C+1) x B rows (at contrast weight 0
-the main pass is a call of its own, padded exactly as in sd.py).
-
-The GRPO frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, and `--beta`
-(the k3 KL to the frozen initial model, logged as `loss/kl`; an `initial` teacher doubles as that
-reference). grpo.py's `--preset` and overlong shaping are not offered here; `--dynamic-sampling` is.
+With alpha = 1, KL(S || Q) = -E_S[R] + log Z (Z does not depend on the student): minimising it ascends
+the expected reward R. z and the masking are SDPO's: a successful peer of the group, else the
+environment's feedback; rows with neither are not distilled, and the mean runs over distilled tokens.
+The defaults are the paper's [secondary: Table 3]: C = 1, lam = 0.1, EMA teacher at rate 0.01, reverse
+KL (alpha 1) on the top-20 plus a tail bucket (code; science: `--jsd-alpha 0.5 --topk 100`), no GRPO
+term. At `--contrast-weight 0` this is `sd.py --preset sdpo --ema-rate 0.01 --jsd-alpha 1 --topk 20`
+bit for bit (test).
 
 Run:
     python credit.py                               # the paper's recipe on the toy task
-    python credit.py --sd-loss token --grpo-coef 1 --contrast-weight 0.5 --teacher current   # the GRPO frame
     torchrun --nproc_per_node 8 credit.py --model Qwen/Qwen3-8B --dataset math --num-prompts 32 \
         --max-new-tokens 4096 --max-teacher-prompt-tokens 6144 --learning-rate 1e-6 --total-steps 200
 """
@@ -64,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -77,17 +47,16 @@ from common.dist import all_reduce
 from common.example import Example
 from common.rollout import select_rows
 from common.run import Run, setup
-from common.teacher import TEACHER_INSTRUCTION, ema_update, score_teacher
-from common.tracking import warn_once
+from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
 from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
 
 
 @dataclass
 class Args(TrainArgs):
-    """CREDIT: self-distillation credit minus a batch-contrastive baseline (the teacher scored after other problems)."""
+    """CREDIT: SDPO's self-distillation toward a teacher minus a batch-contrastive baseline (other problems)."""
 
-    # The GRPO frame (grpo.py)
+    # The GRPO frame (grpo.py), for the optional reward term
     adv_scale: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
     loss_agg: Literal["sequence", "token", "constant"] = "token"
@@ -99,37 +68,29 @@ class Args(TrainArgs):
     beta: float = 0.0
     """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
     grpo_coef: float = 0.0
-    """Scale of the GRPO advantage (CREDIT has no GRPO term; 1 with --sd-loss token gives the GRPO frame)."""
+    """Scale of a GRPO term added to the distillation (CREDIT has none; 1: a reward term against drift)."""
 
-    # Self-distillation (sd.py)
+    # Self-distillation (SDPO)
     teacher: Literal["current", "ema", "initial"] = "ema"
     """Teacher weights: an EMA of the policy (CREDIT, SDPO), the current policy, or the frozen initial model."""
     ema_rate: float = 0.01
     """EMA teacher update rate: phi <- (1 - rate) phi + rate theta after each step (CREDIT: 0.01)."""
-    privileged: Literal["solution", "answer"] = "solution"
-    """Privileged block z: the reference solution (answer when missing) or the final answer only."""
-    feedback: bool = True
-    """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
+    env_feedback: bool = True
+    """Show the environment's feedback on a failed attempt (code: the failing tests) when no peer succeeded."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
-    teacher_instruction: str = TEACHER_INSTRUCTION
-    """The teacher prompt's last line, after the privileged block ("" for none)."""
-    sd_loss: Literal["logit", "token"] = "logit"
-    """`logit`: distil toward Q ∝ T exp(-lam G) (the paper); `token`: fold the sampled-token credit into A_i."""
     lam_sd: float = 1.0
-    """Logit mode: weight of the distillation loss."""
+    """Weight of the distillation loss."""
     jsd_alpha: float = 1.0
-    """Logit mode: generalized JSD mixture weight (1: reverse KL(S||Q), the paper's code setting; 0.5: JSD)."""
+    """Generalized JSD mixture weight (1: reverse KL(S||Q), the paper's code setting; 0.5: JSD)."""
     topk: int = 20
-    """Logit mode: distil over the teacher's top-k tokens plus one tail bucket (the paper: 20, or 100 with JSD)."""
+    """Distil over the student's top-k tokens plus one tail bucket (the paper: 20, or 100 with JSD)."""
     is_clip: float = 2.0
-    """Logit mode: clip of the detached importance weight exp(s - s_old)."""
-    lam: float = 0.5
-    """Token mode: weight of the credit delta in the token advantage."""
+    """Clip of the detached importance weight exp(s - s_old)."""
 
     # CREDIT
     contrast_weight: float = 0.1
-    """lam of Eq. 8: weight of the contrastive baseline G (0 reproduces sd.py, in either mode)."""
+    """lam of Eq. 8: weight of the contrastive baseline G (0 reproduces sd.py --preset sdpo)."""
     num_contrast: int = 1
     """C: unrelated prompts per row (distinct while C < P); their log-probs are averaged in log space."""
 
@@ -141,7 +102,6 @@ class Args(TrainArgs):
         check(self.grpo_coef, "grpo_coef", low=0)
         check(self.ema_rate, "ema_rate", 0, 1, low_open=True)
         check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
-        check(self.lam, "lam")
         check(self.lam_sd, "lam_sd", low=0)
         check(self.jsd_alpha, "jsd_alpha", 0, 1)
         check(self.topk, "topk", low=1)
@@ -225,38 +185,73 @@ def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logpro
 
 
 # ---------------------------------------------------------------------------------------------------
-# sd.py's teacher context and token credit (copied, kept identical by a test).
+# sd.py's SDPO context, credit and distillation loss (copied, kept identical by a test).
 
 
-# Same as sd.py: feedback_sentence
-def feedback_sentence(example: Example, verdict: Verdict) -> str:
-    """SDPO-style feedback on the row's own attempt; code tasks get the verifier's message."""
-    if example.task == "code":
-        return f"Feedback on your previous attempt: {verdict.feedback}"
-    return "Your previous attempt was correct." if verdict.correct else "Your previous attempt was incorrect."
+SDPO_SUCCESS = 0.5
+"""SDPO's success_reward_threshold: a rollout with at least this reward is a demonstration for its group."""
 
 
-# Same as sd.py: answer_block
-def answer_block(example: Example) -> str:
-    """The endpoint cue: only the final answer."""
-    return f"The correct final answer is: {example.answer}"
+# Same as sd.py: choose_peers
+def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
+
+    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
+    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
+    """
+    G = group_size
+    ok = correct.view(-1, G)
+    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
+    if mode == "random":
+        key = torch.rand(candidates.shape, generator=generator)
+    elif mode == "first":
+        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
+    elif mode == "shortest":
+        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
+    else:
+        raise ValueError(f"unknown peer choice {mode!r}")
+    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
+    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
-# Same as sd.py: reference_block
-def reference_block(example: Example, mode: str) -> str:
-    """The dataset's reference solution (`solution`; the answer when there is none) or the answer only."""
-    if mode == "solution" and example.solution:
-        return example.solution
-    if mode == "solution":
-        warn_once("no-solution", "note: examples without a reference solution use the answer-only block")
-    return answer_block(example)
+# Same as sd.py: environment_feedback
+def environment_feedback(example: Example, verdict: Verdict) -> str | None:
+    """The environment's feedback on a failed attempt: a code task's test report; other tasks give none."""
+    return verdict.feedback if example.task == "code" and not verdict.correct and verdict.feedback else None
 
 
-# Same as sd.py: privileged_block
-def privileged_block(example: Example, verdict: Verdict, mode: str, feedback: bool) -> str:
-    """c_i for sd.py: the reference solution (or the answer), then feedback on the attempt."""
-    block = reference_block(example, mode)
-    return f"{block}\n\n{feedback_sentence(example, verdict)}" if feedback else block
+# Same as sd.py: without_thinking
+def without_thinking(text: str) -> str:
+    """A demonstration with its `<think>...</think>` blocks removed (SDPO's remove_thinking_from_demonstration)."""
+    return re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
+
+
+# Same as sd.py: sdpo_message
+def sdpo_message(prompt: str, peer: str | None, feedback: str | None) -> TeacherMessage:
+    """SDPO's reprompt (lasgroup/SDPO actor.yaml): the prompt, a successful peer or else the feedback, the instruction.
+
+    `{prompt}{solution}{feedback}\\n\\nCorrectly solve the original question.` with solution
+    `\\nCorrect solution:\\n\\n{peer}` and feedback `\\nThe following is feedback from your unsuccessful earlier
+    attempt:\\n\\n{feedback}`; feedback only without a peer; with neither, the plain prompt.
+    """
+    instruction = "\n\nCorrectly solve the original question."
+    if peer is not None:
+        return TeacherMessage(f"{prompt}\nCorrect solution:\n\n", peer, instruction)
+    if feedback is not None:
+        return TeacherMessage(f"{prompt}\nThe following is feedback from your unsuccessful earlier attempt:\n\n",
+                              feedback, instruction)
+    return TeacherMessage(prompt)
+
+
+# Same as sd.py: sdpo_contexts
+def sdpo_contexts(batch: Batch, group_size: int, env_feedback: bool) -> list[tuple[str | None, str | None]]:
+    """Each row's (peer, feedback): the first successful other row of its group, thinking removed; else the
+    environment's feedback on its attempt (if `env_feedback`); (None, None) rows are not distilled."""
+    peers = choose_peers(batch.rewards >= SDPO_SUCCESS, group_size, "first").tolist()
+    return [(without_thinking(batch.rollout.texts[p]), None) if p >= 0 else
+            (None, environment_feedback(e, v) if env_feedback else None)
+            for e, v, p in zip(batch.examples, batch.verdicts, peers)]
 
 
 # Same as sd.py: token_credit
@@ -283,20 +278,19 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, alpha: float) 
 
 
 # Same as sd.py: distillation_loss
-def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, teacher_gathered: torch.Tensor,
+def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, divergence: torch.Tensor,
                       distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit mode: lam_sd * token mean over distilled rows of w_t * D_alpha(student top-k || teacher top-k); its sum.
+    """lam_sd * the mean over distilled tokens of w_t * D_t (D: the micro-batch's divergence [b, T]); its sum.
 
-    w_t = min(exp(s_t - s_old_t), is_clip), detached; gradients flow only through the student.
+    w_t = min(exp(s_t - s_old_t), is_clip), detached (the log-ratio clamped to +-20 first, as SDPO's code).
     """
-    weight = torch.exp(mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(max=args.is_clip).detach()
-    per_token = weight * generalized_jsd(mb.out["gathered"], teacher_gathered[mb.rows].detach(), args.jsd_alpha)
-    masked = per_token * distill_mask[mb.rows]
+    weight = torch.exp((mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(-20, 20)).clamp(max=args.is_clip).detach()
+    masked = weight * divergence * distill_mask[mb.rows]
     return args.lam_sd * masked.sum() / mb.tokens["distill"], masked.sum()
 
 
 # Same as sd.py: sd_metrics
-def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distilled: torch.Tensor, t_teacher: float) -> dict:
+def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
     """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
     n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
     return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
@@ -305,12 +299,11 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distille
             "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
             "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
             "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
-            "sd/frac_rows_distilled": (all_reduce(distilled.float().sum()) / n_rows).item(),
             "perf/teacher_s": t_teacher}
 
 
 # ---------------------------------------------------------------------------------------------------
-# The algorithm: contrastive partners and credit (pure functions), the contrastive teacher pass.
+# The algorithm: contrastive partners, target and metrics (pure functions), the contrastive teacher pass.
 
 
 def require_partners(num_groups: int) -> None:
@@ -334,32 +327,42 @@ def contrast_partners(num_groups: int, group_size: int, k: int, seed: int | tupl
     return order[(position[:, None] + offsets) % num_groups].repeat_interleave(group_size, dim=0)
 
 
-def contrastive_credit(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                       weight: float, mask: torch.Tensor) -> torch.Tensor:
-    """Token mode: delta = t(x_i, z_i) - lam * mean_k t(x'_k, z_i) - s_old on completion tokens, 0 on padding.
+def score_with_problems(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
+                        rows: list[int], problem_rows: list[int], gather_index: torch.Tensor) -> dict:
+    """Teacher scores of row rows[j]'s own completion and SDPO context after the problem of row problem_rows[j],
+    all in one scoring call, with its log-probs at `gather_index` (the student's top-k) + tail (`gathered`)."""
+    messages = [sdpo_message(batch.examples[q].prompt, *contexts[i]) for i, q in zip(rows, problem_rows)]
+    selected = dataclasses.replace(batch, rollout=select_rows(batch.rollout, rows))
+    return score_teacher(run, selected, messages, args.max_teacher_prompt_tokens, gather_index=gather_index[rows])
 
-    contrast_logprobs is [K, B, T]; the K partners are averaged in log space, i.e. the arithmetic mean
-    of their log-probs. Computed as u - lam * c so that lam = 0 gives token_credit's floats (sd.py's) exactly.
-    """
-    return token_credit(teacher_logprobs, old_logprobs, mask) - weight * contrast_logprobs.mean(0).detach() * mask
 
-
-def score_with_problems(run: Run, args: Args, batch: Batch, blocks: list[str], groups: torch.Tensor,
-                        gather_index: torch.Tensor | None = None) -> dict:
-    """Teacher scores [K, B, ...] of row i's own completion and block z_i after the problem of prompt group
-    groups[i, k] (`logprobs` is t(x_{g_k(i)}, z_i)), for all k in one scoring call; with `gather_index`
-    [B, T, k] also their log-probs at those indices + tail (`gathered`)."""
-    B, K = groups.shape
-    problems = [batch.examples[g * args.group_size].prompt for g in groups.T.reshape(-1).tolist()]
-    tiled = dataclasses.replace(batch, rollout=select_rows(batch.rollout, list(range(B)) * K))  # K copies of the rows
-    index = gather_index.repeat(K, 1, 1) if gather_index is not None else None
-    scores = score_teacher(run, tiled, blocks * K, args.max_teacher_prompt_tokens, problems, gather_index=index,
-                           instruction=args.teacher_instruction)
-    return {k: v.view(K, B, *v.shape[1:]) for k, v in scores.items()}
+def teacher_and_contrast(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
+                         partners: torch.Tensor, gather_index: torch.Tensor) -> tuple[dict, dict]:
+    """The teacher at each row's own problem and, for distilled rows, its C contrasts at the partners' problems, all
+    at the student's top-k in one scoring call (at lam = 0 the teacher's is a call of its own, padded as sd.py's).
+    The contrast scores are [C, B, ...], zero on rows that are not distilled."""
+    B, C, G = len(contexts), args.num_contrast, args.group_size
+    rows = [i for i, c in enumerate(contexts) if c != (None, None)]
+    own, contrast_rows = list(range(B)), rows * C
+    contrast_problems = [G * int(partners[i, k]) for k in range(C) for i in rows]
+    if args.contrast_weight > 0 and rows:
+        scores = score_with_problems(run, args, batch, contexts, own + contrast_rows, own + contrast_problems,
+                                     gather_index)
+        teacher, scored = {k: v[:B] for k, v in scores.items()}, {k: v[B:] for k, v in scores.items()}
+    else:
+        teacher = score_with_problems(run, args, batch, contexts, own, own, gather_index)
+        scored = score_with_problems(run, args, batch, contexts, contrast_rows, contrast_problems,
+                                     gather_index) if rows else None
+    contrast = {}
+    for key in ("logprobs", "gathered"):
+        contrast[key] = teacher[key].new_zeros(C, *teacher[key].shape)
+        if scored is not None:
+            contrast[key][:, rows] = scored[key].view(C, len(rows), *teacher[key].shape[1:])
+    return teacher, contrast
 
 
 def contrastive_target(teacher_gathered: torch.Tensor, contrast_gathered: torch.Tensor, weight: float) -> torch.Tensor:
-    """log Q = log T - lam * G over the teacher's top-k + tail buckets, renormalised (Q ∝ T exp(-lam G), Eq. 8).
+    """log Q = log T - lam * G over the student's top-k + tail buckets, renormalised (Q ∝ T exp(-lam G), Eq. 8).
 
     teacher_gathered [B, T, k+1]; contrast_gathered [C, B, T, k+1], whose mean over C is G. At lam = 0
     T's buckets are returned as they are: they already sum to one, so the loss is SDPO's bit for bit.
@@ -371,13 +374,16 @@ def contrastive_target(teacher_gathered: torch.Tensor, contrast_gathered: torch.
 
 
 def credit_metrics(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                   credit: torch.Tensor, weight: float, mask: torch.Tensor) -> dict[str, float]:
-    """The subtracted term, its Pearson correlation with t, what is left of t, and sign flips versus sd.py."""
+                   weight: float, mask: torch.Tensor) -> dict[str, float]:
+    """On distilled tokens (`mask`), at the sampled token: the subtracted term lam * mean_k c_k, what is left of t,
+    its Pearson correlation with t, and how often u - lam * mean_k c_k has the other sign than u = t - s_old."""
     t, c = teacher_logprobs.double(), contrast_logprobs.mean(0).double()
-    flipped = torch.sign(credit) != torch.sign(token_credit(teacher_logprobs, old_logprobs, mask))
+    u = token_credit(teacher_logprobs, old_logprobs, mask)
+    flipped = torch.sign(u - weight * c.float() * mask) != torch.sign(u)
     m = mask.double()
     n, sub, left, flips, st, sc, stt, scc, stc = all_reduce(torch.stack(
         [m.sum()] + [(x * m).sum() for x in (weight * c, t - weight * c, flipped.double(), t, c, t * t, c * c, t * c)])).tolist()
+    n = max(n, 1.0)
     cov, var_t, var_c = stc / n - st * sc / n ** 2, stt / n - (st / n) ** 2, scc / n - (sc / n) ** 2
     return {"credit/contrast_mean": sub / n, "credit/input_specific_mean": left / n, "credit/sign_flip_frac": flips / n,
             "credit/corr_teacher_contrast": cov / max(math.sqrt(max(var_t * var_c, 0.0)), 1e-12)}
@@ -386,7 +392,6 @@ def credit_metrics(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.Tens
 def main(args: Args) -> None:
     require_partners(args.num_prompts // int(os.environ.get("WORLD_SIZE", "1")))  # fail before any work
     run = setup(args, "credit", teacher_weights=args.teacher, reference=args.beta > 0)
-    logit = args.sd_loss == "logit"
     for step in range(run.start_step, args.total_steps):
         metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
         t0 = time.perf_counter()
@@ -396,58 +401,47 @@ def main(args: Args) -> None:
         t_gen = time.perf_counter()
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
+        G = args.group_size
 
-        # 2. Old-policy log-probs s_old, reference log-probs.
-        old = score_rollout(run, batch, with_entropy=True)
+        # 2. Old-policy log-probs s_old and the student's top-k indices to distil over, reference log-probs.
+        old = score_rollout(run, batch, with_entropy=True, topk=args.topk)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
-        # 3. Teacher context z_i as sd.py; C partner prompts x'_k from other prompt groups of the batch.
-        blocks = [privileged_block(e, v, args.privileged, args.feedback) for e, v in zip(batch.examples, batch.verdicts)]
-        partners = contrast_partners(run.local_prompts, args.group_size, args.num_contrast, (args.seed, run.d.rank, step))
+        # 3. SDPO's context z_i (a successful peer, else feedback; rows with neither are not distilled) and
+        #    C partner prompts x'_k from other prompt groups of the batch.
+        contexts = sdpo_contexts(batch, G, args.env_feedback)
+        distilled = torch.tensor([c != (None, None) for c in contexts])
+        distill_mask = mask * distilled.to(mask.device)[:, None]
+        partners = contrast_partners(run.local_prompts, G, args.num_contrast, (args.seed, run.d.rank, step))
 
-        # 4. Teacher T_t = pi_T(. | x_i, z_i, y_<t) and contrast G_t from pi_T(. | x'_k, z_i, y_<t) on the same tokens.
-        own = torch.arange(mask.shape[0], device=partners.device)[:, None] // args.group_size
-        if logit:  # T at its own top-k + tail, then the C contrasts at T's indices (they must be known first)
-            teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, topk=args.topk, gather_topk=True,
-                                    instruction=args.teacher_instruction)
-            contrast_scores = score_with_problems(run, args, batch, blocks, partners, teacher["topk_index"])
-        elif args.contrast_weight > 0:  # sampled tokens only: the main and the C contrast passes in one call
-            scores = score_with_problems(run, args, batch, blocks, torch.cat([own, partners], 1))
-            teacher, contrast_scores = {k: v[0] for k, v in scores.items()}, {"logprobs": scores["logprobs"][1:]}
-        else:  # padded exactly as sd.py's pass, so that lam = 0 is sd.py bit for bit
-            teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, instruction=args.teacher_instruction)
-            contrast_scores = score_with_problems(run, args, batch, blocks, partners)
-        contrast = contrast_scores["logprobs"]
+        # 4. Teacher T_t = pi_T(. | x_i, z_i, y_<t) and, for distilled rows, the contrast from pi_T(. | x'_k, z_i, y_<t),
+        #    both at the student's top-k + tail, in one scoring call.
+        teacher, contrast = teacher_and_contrast(run, args, batch, contexts, partners, old["topk_index"])
         t_teach = time.perf_counter()
 
-        # 5. Logit mode: the target Q_t ∝ T_t exp(-lam G_t) (Eq. 8). Token mode: the sampled-token credit
-        #    delta = t - lam * mean_k c_k - s_old and the token advantage A_t = A_i + lam_token * delta.
-        credit = contrastive_credit(teacher["logprobs"], contrast, old["logprobs"], args.contrast_weight, mask)
-        distilled = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-        if logit:
-            target = contrastive_target(teacher["gathered"], contrast_scores["gathered"], args.contrast_weight)
-            token_advantages = advantages[:, None].expand_as(mask).contiguous()
-        else:
-            token_advantages = advantages[:, None] + args.lam * credit
+        # 5. The target Q_t ∝ T_t exp(-lam G_t) over the student's top-k + tail (Eq. 8).
+        target = contrastive_target(teacher["gathered"], contrast["gathered"], args.contrast_weight)
+        token_advantages = advantages[:, None].expand_as(mask).contiguous()
 
         def loss_fn(mb: MicroBatch):
             loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
-            if logit:  # lam_sd * mean_t w_t KL(S_t || Q_t) on the teacher's top-k + tail
-                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], target, mask)
-                loss = loss + distill
-            return loss, stats
+            divergence = generalized_jsd(mb.out["gathered"], target[mb.rows], args.jsd_alpha)  # D_alpha(S_t || Q_t)
+            distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence, distill_mask)
+            return loss + distill, stats
 
         # 6. Update (distillation, + the surrogate if --grpo-coef > 0), then the EMA teacher follows.
-        metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": mask} if logit else None,
-                            stat_masks={"loss/distill": "distill"},
-                            row_inputs={"gather_index": teacher["topk_index"]} if logit else None)
+        metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask},
+                            stat_masks={"loss/distill": "distill"}, row_inputs={"gather_index": old["topk_index"]})
         if args.teacher == "ema":
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
 
-        metrics |= sd_metrics(credit, teacher, mask, distilled, t_teach - t_score)
-        metrics |= credit_metrics(teacher["logprobs"], contrast, old["logprobs"], credit, args.contrast_weight, mask)
+        credit = token_credit(teacher["logprobs"], old["logprobs"], distill_mask)
+        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
+        metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, G, step, run.d.is_main)
+        metrics |= credit_metrics(teacher["logprobs"], contrast["logprobs"], old["logprobs"], args.contrast_weight,
+                                  distill_mask)
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
         run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
     run.close()

@@ -72,7 +72,7 @@ from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, unsharded
 from common.example import Example
 from common.run import setup
-from common.teacher import TEACHER_INSTRUCTION, ema_update, score_teacher
+from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
 from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
 
@@ -104,8 +104,8 @@ class Args(TrainArgs):
     """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
-    teacher_instruction: str = TEACHER_INSTRUCTION
-    """The teacher prompt's last line, after the privileged block ("" for none)."""
+    teacher_instruction: str = "Now solve the original problem step by step."
+    """The teacher prompt's last line, after the privileged block ("" for none; the wording is a choice)."""
     sd_loss: Literal["kl", "token", "logit"] = "kl"
     """`kl`: full-vocabulary per-token KL (the paper); `token`: fold lam * u into A_i; `logit`: sd.py's top-k JSD."""
     kl_direction: Literal["reverse", "forward"] = "reverse"
@@ -223,21 +223,7 @@ def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logpro
 
 
 # ---------------------------------------------------------------------------------------------------
-# sd.py's feedback, credit and distillation loss (copied, kept identical by a test).
-
-
-# Same as sd.py: feedback_sentence
-def feedback_sentence(example: Example, verdict: Verdict) -> str:
-    """SDPO-style feedback on the row's own attempt; code tasks get the verifier's message."""
-    if example.task == "code":
-        return f"Feedback on your previous attempt: {verdict.feedback}"
-    return "Your previous attempt was correct." if verdict.correct else "Your previous attempt was incorrect."
-
-
-# Same as sd.py: answer_block
-def answer_block(example: Example) -> str:
-    """The endpoint cue: only the final answer."""
-    return f"The correct final answer is: {example.answer}"
+# sd.py's credit and distillation loss (copied, kept identical by a test).
 
 
 # Same as sd.py: token_credit
@@ -264,20 +250,19 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, alpha: float) 
 
 
 # Same as sd.py: distillation_loss
-def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, teacher_gathered: torch.Tensor,
+def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, divergence: torch.Tensor,
                       distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit mode: lam_sd * token mean over distilled rows of w_t * D_alpha(student top-k || teacher top-k); its sum.
+    """lam_sd * the mean over distilled tokens of w_t * D_t (D: the micro-batch's divergence [b, T]); its sum.
 
-    w_t = min(exp(s_t - s_old_t), is_clip), detached; gradients flow only through the student.
+    w_t = min(exp(s_t - s_old_t), is_clip), detached (the log-ratio clamped to +-20 first, as SDPO's code).
     """
-    weight = torch.exp(mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(max=args.is_clip).detach()
-    per_token = weight * generalized_jsd(mb.out["gathered"], teacher_gathered[mb.rows].detach(), args.jsd_alpha)
-    masked = per_token * distill_mask[mb.rows]
+    weight = torch.exp((mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(-20, 20)).clamp(max=args.is_clip).detach()
+    masked = weight * divergence * distill_mask[mb.rows]
     return args.lam_sd * masked.sum() / mb.tokens["distill"], masked.sum()
 
 
 # Same as sd.py: sd_metrics
-def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distilled: torch.Tensor, t_teacher: float) -> dict:
+def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
     """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
     n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
     return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
@@ -286,7 +271,6 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distille
             "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
             "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
             "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
-            "sd/frac_rows_distilled": (all_reduce(distilled.float().sum()) / n_rows).item(),
             "perf/teacher_s": t_teacher}
 
 
@@ -294,6 +278,7 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distille
 # The algorithm: peer choice, hindsight context, divergence diagnostics (pure functions).
 
 
+# Same as sd.py: choose_peers
 def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
                  lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Per row, the batch index of a successful other row of its group, or -1 when there is none.
@@ -316,15 +301,32 @@ def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: t
     return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
+def answer_block(example: Example) -> str:
+    """The endpoint cue: only the final answer (the fallback without a successful peer)."""
+    return f"The correct final answer is: {example.answer}"
+
+
+def feedback_sentence(example: Example, verdict: Verdict) -> str:
+    """Optional feedback on the row's own attempt (HSD names none); code tasks get the verifier's message."""
+    if example.task == "code":
+        return f"Feedback on your previous attempt: {verdict.feedback}"
+    return "Your previous attempt was correct." if verdict.correct else "Your previous attempt was incorrect."
+
+
 def hindsight_block(peer_text: str, answer: str) -> str:
     """The privileged block of HSD: a successful peer's full completion, then the ground-truth answer."""
     return f"A correct solution:\n\n{peer_text}\n\nThe correct final answer is: {answer}"
 
 
 def privileged_block(example: Example, verdict: Verdict, peer_text: str | None, feedback: bool) -> str:
-    """c_i: the hindsight block (answer-only without a peer), then sd.py's feedback on the attempt."""
+    """c_i: the hindsight block (answer-only without a peer), then (optionally) feedback on the attempt."""
     block = hindsight_block(peer_text, example.answer) if peer_text is not None else answer_block(example)
     return f"{block}\n\n{feedback_sentence(example, verdict)}" if feedback else block
+
+
+def hsd_message(example: Example, block: str, instruction: str) -> TeacherMessage:
+    """The teacher's user message (wording a choice): `{problem}\n\n{block}\n\n{instruction}` (no last line if "")."""
+    return TeacherMessage(f"{example.prompt}\n\n", block, f"\n\n{instruction}" if instruction else "")
 
 
 def divergence_index(a_ids: torch.Tensor, b_ids: torch.Tensor, a_len: torch.Tensor, b_len: torch.Tensor) -> torch.Tensor:
@@ -427,13 +429,13 @@ def main(args: Args) -> None:
             peers[correct] = -1
         distilled = (~correct if args.on_success == "skip" else torch.ones_like(correct)).to(run.d.device)
         texts = batch.rollout.texts
-        blocks = [privileged_block(e, v, texts[p] if p >= 0 else None, args.feedback)
-                  for e, v, p in zip(batch.examples, batch.verdicts, peers.tolist())]
+        messages = [hsd_message(e, privileged_block(e, v, texts[p] if p >= 0 else None, args.feedback),
+                                args.teacher_instruction) for e, v, p in zip(batch.examples, batch.verdicts, peers.tolist())]
 
         # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t) (KL mode: also its final
         #    hidden states, from which the update recomputes its full-vocabulary distribution chunk by chunk).
-        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
-                                return_hidden=kl, instruction=args.teacher_instruction)
+        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
+                                return_hidden=kl)
         t_teach = time.perf_counter()
 
         # 5. Credit u = t - s_old (0 on skipped rows). KL mode: the per-token KL(S_t || T_t) loss of Eq. 10;
@@ -451,7 +453,8 @@ def main(args: Args) -> None:
                 distill, stats["loss/distill"] = kl_loss(mb, args, distill_mask)
                 loss = loss + distill
             elif logit:
-                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], teacher["gathered"], distill_mask)
+                divergence = generalized_jsd(mb.out["gathered"], teacher["gathered"][mb.rows], args.jsd_alpha)
+                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence, distill_mask)
                 loss = loss + distill
             return loss, stats
 
@@ -460,9 +463,10 @@ def main(args: Args) -> None:
         credits = {"": credit}
         if args.diagnostics_every > 0 and step % args.diagnostics_every == 0:
             t1 = time.perf_counter()
-            answer_only = score_teacher(run, batch, [privileged_block(e, v, None, args.feedback)
+            answer_only = score_teacher(run, batch, [hsd_message(e, privileged_block(e, v, None, args.feedback),
+                                                                 args.teacher_instruction)
                                                      for e, v in zip(batch.examples, batch.verdicts)],
-                                        args.max_teacher_prompt_tokens, instruction=args.teacher_instruction)
+                                        args.max_teacher_prompt_tokens)
             credits["_answer_only"] = token_credit(answer_only["logprobs"], old["logprobs"], mask)
             metrics["perf/diagnostics_s"] = time.perf_counter() - t1
         t_diag = time.perf_counter()
@@ -482,7 +486,8 @@ def main(args: Args) -> None:
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
 
-        metrics |= sd_metrics(credit, teacher, mask, distilled, t_teach - t_score)
+        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
+        metrics |= distillation_coverage(distilled, correct, args.group_size, step, run.d.is_main)
         metrics |= hsd_metrics(correct.to(run.d.device), peers.to(run.d.device), args.group_size,
                                batch.rollout.completion_ids, mask, credits, args.div_window)
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_diag}

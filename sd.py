@@ -1,68 +1,72 @@
 """On-policy self-distillation (SD): the policy, shown privileged context, is its own token-level teacher.
 
-Papers: OPSD, Zhao et al. 2026, "Self-Distilled Reasoner" (arXiv 2601.18734); SDPO, Hübotter et al.
-2026, "Reinforcement Learning via Self-Distillation" (arXiv 2601.20802). Source status: PRIMARY for the
-sampled-token (token) and top-k logit forms of SDPO and the frame of AntiSD §2, Eq. 2. The default is
-that shared frame, which every SD script offers by flags for a comparison on one footing; the other
-scripts' defaults are their own papers' recipes. See docs/sd.md.
+Papers: SDPO, Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation" (arXiv 2601.20802);
+OPSD, Zhao et al. 2026, "Self-Distilled Reasoner" (arXiv 2601.18734); the token frame of AntiSD §2
+(Shen et al. 2026, arXiv 2605.11609). Source status: PRIMARY (the official code of SDPO and OPSD, the
+AntiSD paper's Appendix C). See docs/sd.md.
 
 Idea: roll out and verify as in GRPO; then let the same network score the same completion tokens after
-a teacher prompt that also holds privileged context c (a reference solution or the answer, plus
-feedback on the attempt). Where the teacher likes a token more than the student did, push it up:
+a teacher prompt that also holds privileged context c (a successful peer, a reference solution, the
+environment's feedback). Where the teacher likes a token more than the student did, push it up:
 
-    u_t     = log pi_T(y_t | x, c, y_<t) - log pi_old(y_t | x, y_<t)       (token log-ratio)
-    sum_t u_t = log pi(y | x, c) - log pi(y | x) = pMI(y; c | x)          (identity, shared weights)
-    token mode (default):  A_t = A_i + lam * u_t                          (AntiSD Eq. 1-3; SDPO token mode)
-    logit mode:            L = L_GRPO + lam_sd * mean_t w_t D_alpha(pS || pT)   (SDPO / OPSD)
+    u_t       = log pi_T(y_t | x, c, y_<t) - log pi_old(y_t | x, y_<t)            (token log-ratio)
+    sum_t u_t = log pi(y | x, c) - log pi(y | x) = pMI(y; c | x)               (identity, shared weights)
+    token mode:  A_t = A_i + lam * u_t                                         (AntiSD Eq. 2-3, the frame)
+    logit mode:  L = grpo_coef * L_GRPO + lam_sd * mean_t w_t D_alpha(pS || pT)   (SDPO, OPSD)
         D_alpha = (1-alpha) KL(S || M) + alpha KL(T || M),  M = (1-alpha) pS + alpha pT,
-        alpha = 0: KL(T || S), alpha = 1: KL(S || T); on the student's top-k + one tail bucket;
-        w_t = min(exp(s_t - s_old_t), 2) detached (importance weight).
+        alpha = 0: KL(T || S), alpha = 1: KL(S || T); on the student's top-k + a tail bucket, or the
+        full vocabulary (--topk 0); w_t = min(exp(s_t - s_old_t), is_clip) detached;
+        the mean runs over distilled tokens only (SDPO distils only rows that have a peer or feedback).
 
-Choices (see docs/sd.md):
-- `--teacher current` (default; the policy before this step's update), `ema` (SDPO, rate 0.05) or
-  `initial` (OPSD, the frozen starting model).
-- Teacher prompt: one user turn `{problem}\\n\\n{privileged}\\n\\nNow solve the original problem step by
-  step.` in the student's chat template; a too-long privileged block is cut from its middle.
-  `--teacher-instruction` replaces that last line ("" drops it: on a task that asks for a short final
-  answer, "step by step" makes the teacher prefer long explanations).
-- Logit mode takes the top-k indices from the rollout policy's distribution (the old-policy pass), so
-  the teacher is scored once per step; with one update per batch that is the current student's top-k.
-  `--topk-from teacher` takes the teacher's own top-k instead (CREDIT's SDPO baseline: credit.py at
-  `--contrast-weight 0`).
-
-The GRPO frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, and `--beta`
-(the k3 KL to the frozen initial model, logged as `loss/kl`; an `initial` teacher doubles as that
-reference). grpo.py's `--preset` and overlong shaping are not offered here; `--dynamic-sampling` is.
+Presets (`--preset`) set these fields, except those given on the command line:
+    sdpo  context sdpo, logit, grpo-coef 0, teacher ema 0.05, topk 100 (student's), jsd-alpha 0.5, is-clip 2
+    opsd  context opsd, logit, grpo-coef 0, teacher initial, topk 0 (full vocabulary), jsd-alpha 0.5
+The default (`--preset none`) is AntiSD's "default self-distillation": the token frame with AntiSD's
+teacher context, lam 0.5, the current policy as teacher. It is the default because it is the frame
+the other SD scripts modify (lam = 0 is grpo.py exactly, and antisd.py changes only the credit), so a
+comparison across scripts holds everything else fixed; SDPO and OPSD are one flag away.
 
 Run:
-    python sd.py                                  # token mode on the toy task
-    python sd.py --sd-loss logit --grpo-coef 0    # pure logit distillation (OPSD/SDPO style)
-    torchrun --nproc_per_node 8 sd.py --model Qwen/Qwen3-1.7B --dataset math --num-prompts 64 \\
-        --max-new-tokens 2048 --max-teacher-prompt-tokens 4096 --learning-rate 1e-6 --total-steps 200
+    python sd.py                                  # the token frame on the toy task
+    python sd.py --preset sdpo                    # SDPO's official recipe
+    torchrun --nproc_per_node 8 sd.py --preset sdpo --model Qwen/Qwen3-8B --dataset math --num-prompts 32 \\
+        --max-new-tokens 8192 --max-teacher-prompt-tokens 10240 --learning-rate 1e-5 --warmup-steps 10
 """
 from __future__ import annotations
 
+import functools
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from common.args import TrainArgs, check, cli
-from common.batch import collect_batch, score_rollout
-from common.dist import all_reduce
+from common.batch import Batch, collect_batch, score_rollout
+from common.dist import all_reduce, unsharded
 from common.example import Example
 from common.run import setup
-from common.teacher import TEACHER_INSTRUCTION, ema_update, score_teacher
+from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
 from common.tracking import warn_once
 from common.update import MicroBatch, optimize
 from common.verifiers import Verdict
 
+PRESETS = {
+    "sdpo": dict(context="sdpo", sd_loss="logit", grpo_coef=0.0, teacher="ema", ema_rate=0.05, topk=100,
+                 jsd_alpha=0.5, is_clip=2.0),
+    "opsd": dict(context="opsd", sd_loss="logit", grpo_coef=0.0, teacher="initial", topk=0, jsd_alpha=0.5),
+}
+
 
 @dataclass
 class Args(TrainArgs):
-    """On-policy self-distillation: the policy, shown a reference solution and feedback, is its own token-level teacher."""
+    """On-policy self-distillation: the policy, shown a successful peer or a reference solution, is its own teacher."""
+
+    preset: Literal["none", "sdpo", "opsd"] = "none"
+    """Published recipe (SDPO's or OPSD's official code): sets the fields below that the command line leaves at their defaults."""
 
     # The GRPO frame (grpo.py)
     adv_scale: Literal["group", "batch", "none"] = "group"
@@ -79,20 +83,18 @@ class Args(TrainArgs):
     """Scale of the GRPO advantage (0 with --sd-loss logit: pure distillation)."""
 
     # Self-distillation
+    context: Literal["antisd", "sdpo", "opsd"] = "antisd"
+    """Teacher context: AntiSD's (a correct peer or the solution, then an assessment), SDPO's (a successful peer, else feedback; rows with neither are not distilled) or OPSD's (the reference solution)."""
+    env_feedback: bool = True
+    """SDPO context: show the environment's feedback on a failed attempt (code: the failing tests) when no peer succeeded."""
     teacher: Literal["current", "ema", "initial"] = "current"
     """Teacher weights: the current policy, an EMA of it (SDPO), or the frozen initial model (OPSD)."""
     ema_rate: float = 0.05
     """EMA teacher update rate: phi <- (1 - rate) phi + rate theta after each step."""
-    privileged: Literal["solution", "answer"] = "solution"
-    """Privileged block: the reference solution (answer when missing) or the final answer only."""
-    feedback: bool = True
-    """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
-    teacher_instruction: str = TEACHER_INSTRUCTION
-    """The teacher prompt's last line, after the privileged block ("" for none)."""
     sd_loss: Literal["token", "logit"] = "token"
-    """`token`: fold lam * u into the advantage; `logit`: add a top-k generalized-JSD distillation loss."""
+    """`token`: fold lam * u into the advantage; `logit`: add a generalized-JSD distillation loss."""
     lam: float = 0.5
     """Token mode: weight of the credit u in the token advantage (0 reproduces grpo.py)."""
     lam_sd: float = 1.0
@@ -100,9 +102,7 @@ class Args(TrainArgs):
     jsd_alpha: float = 0.5
     """Logit mode: generalized JSD mixture weight (0 forward KL(T||S), 1 reverse KL(S||T))."""
     topk: int = 100
-    """Logit mode: distil over k tokens plus one tail bucket."""
-    topk_from: Literal["student", "teacher"] = "student"
-    """Logit mode: take the k tokens from the student's distribution (SDPO) or the teacher's (CREDIT's SDPO baseline)."""
+    """Logit mode: distil over the student's k most likely tokens plus one tail bucket (0: the full vocabulary)."""
     is_clip: float = 2.0
     """Logit mode: clip of the detached importance weight exp(s - s_old)."""
 
@@ -117,8 +117,17 @@ class Args(TrainArgs):
         check(self.lam, "lam")
         check(self.lam_sd, "lam_sd", low=0)
         check(self.jsd_alpha, "jsd_alpha", 0, 1)
-        check(self.topk, "topk", low=1)
+        check(self.topk, "topk", low=0)
         check(self.is_clip, "is_clip", low=0, low_open=True)
+
+
+def apply_preset(args: Args) -> Args:
+    """Copy the named preset's values onto `args`, except onto fields the command line moved off their defaults."""
+    defaults = Args()
+    for key, value in PRESETS.get(args.preset, {}).items():
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,34 +205,103 @@ def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logpro
 
 
 # ---------------------------------------------------------------------------------------------------
-# The algorithm: teacher context, token credit, divergence (pure functions).
+# The algorithm: teacher contexts as published, token credit, divergence (pure functions).
 
 
-def feedback_sentence(example: Example, verdict: Verdict) -> str:
-    """SDPO-style feedback on the row's own attempt; code tasks get the verifier's message."""
-    if example.task == "code":
-        return f"Feedback on your previous attempt: {verdict.feedback}"
-    return "Your previous attempt was correct." if verdict.correct else "Your previous attempt was incorrect."
+SDPO_SUCCESS = 0.5
+"""SDPO's success_reward_threshold: a rollout with at least this reward is a demonstration for its group."""
 
 
-def answer_block(example: Example) -> str:
-    """The endpoint cue: only the final answer."""
-    return f"The correct final answer is: {example.answer}"
+def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
+
+    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
+    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
+    """
+    G = group_size
+    ok = correct.view(-1, G)
+    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
+    if mode == "random":
+        key = torch.rand(candidates.shape, generator=generator)
+    elif mode == "first":
+        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
+    elif mode == "shortest":
+        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
+    else:
+        raise ValueError(f"unknown peer choice {mode!r}")
+    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
+    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
-def reference_block(example: Example, mode: str) -> str:
-    """The dataset's reference solution (`solution`; the answer when there is none) or the answer only."""
-    if mode == "solution" and example.solution:
+def environment_feedback(example: Example, verdict: Verdict) -> str | None:
+    """The environment's feedback on a failed attempt: a code task's test report; other tasks give none."""
+    return verdict.feedback if example.task == "code" and not verdict.correct and verdict.feedback else None
+
+
+def without_thinking(text: str) -> str:
+    """A demonstration with its `<think>...</think>` blocks removed (SDPO's remove_thinking_from_demonstration)."""
+    return re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
+
+
+def sdpo_message(prompt: str, peer: str | None, feedback: str | None) -> TeacherMessage:
+    """SDPO's reprompt (lasgroup/SDPO actor.yaml): the prompt, a successful peer or else the feedback, the instruction.
+
+    `{prompt}{solution}{feedback}\\n\\nCorrectly solve the original question.` with solution
+    `\\nCorrect solution:\\n\\n{peer}` and feedback `\\nThe following is feedback from your unsuccessful earlier
+    attempt:\\n\\n{feedback}`; feedback only without a peer; with neither, the plain prompt.
+    """
+    instruction = "\n\nCorrectly solve the original question."
+    if peer is not None:
+        return TeacherMessage(f"{prompt}\nCorrect solution:\n\n", peer, instruction)
+    if feedback is not None:
+        return TeacherMessage(f"{prompt}\nThe following is feedback from your unsuccessful earlier attempt:\n\n",
+                              feedback, instruction)
+    return TeacherMessage(prompt)
+
+
+def sdpo_contexts(batch: Batch, group_size: int, env_feedback: bool) -> list[tuple[str | None, str | None]]:
+    """Each row's (peer, feedback): the first successful other row of its group, thinking removed; else the
+    environment's feedback on its attempt (if `env_feedback`); (None, None) rows are not distilled."""
+    peers = choose_peers(batch.rewards >= SDPO_SUCCESS, group_size, "first").tolist()
+    return [(without_thinking(batch.rollout.texts[p]), None) if p >= 0 else
+            (None, environment_feedback(e, v) if env_feedback else None)
+            for e, v, p in zip(batch.examples, batch.verdicts, peers)]
+
+
+def reference_solution(example: Example) -> str:
+    """The dataset's worked solution; its final answer when it has none (said once)."""
+    if example.solution:
         return example.solution
-    if mode == "solution":
-        warn_once("no-solution", "note: examples without a reference solution use the answer-only block")
-    return answer_block(example)
+    warn_once("no-solution", "note: examples without a reference solution show the teacher their final answer")
+    return example.answer
 
 
-def privileged_block(example: Example, verdict: Verdict, mode: str, feedback: bool) -> str:
-    """c_i for sd.py: the reference solution (or the answer), then feedback on the attempt."""
-    block = reference_block(example, mode)
-    return f"{block}\n\n{feedback_sentence(example, verdict)}" if feedback else block
+def opsd_message(example: Example) -> TeacherMessage:
+    """OPSD's teacher prompt (siyan-zhao/OPSD data_collator.py, reason_first=False) around the reference solution."""
+    return TeacherMessage(
+        f"{example.prompt}\n\nHere is a reference solution to this problem:\n", reference_solution(example),
+        "\n\n\nAfter understanding the reference solution and the rationale behind each step, now articulate your "
+        "own step-by-step reasoning that derives the same final answer to the problem below:\n\n"
+        "Please reason step by step, and put your final answer within \\boxed{}.")
+
+
+# Same as antisd.py: correctness_sentence
+def correctness_sentence(example: Example, verdict: Verdict) -> str:
+    """AntiSD's assessment of the row's own attempt: binary for math, the tests passed for code (Appendix C)."""
+    if example.task == "code":
+        m = len(example.tests or [])
+        return f"Your code passes {round(verdict.reward * m)} of {m} test cases."
+    return "Your answer is correct." if verdict.correct else "Your answer is incorrect."
+
+
+# Same as antisd.py: antisd_message
+def antisd_message(example: Example, verdict: Verdict, peer: str | None) -> TeacherMessage:
+    """AntiSD's teacher context (Appendix C): a verified solution (a correct peer, else the reference), the assessment."""
+    return TeacherMessage(f"{example.prompt}\n\nYour previous attempt:\n",
+                          peer if peer is not None else reference_solution(example),
+                          f"\n\nPrevious assessment: {correctness_sentence(example, verdict)}\n"
+                          "Now solve this problem step by step.")
 
 
 def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -247,19 +325,23 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, alpha: float) 
     return (1 - alpha) * kl(student, mixture) + alpha * kl(teacher, mixture)
 
 
-def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, teacher_gathered: torch.Tensor,
-                      distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit mode: lam_sd * token mean over distilled rows of w_t * D_alpha(student top-k || teacher top-k); its sum.
+def full_vocab_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """D_alpha over the full vocabulary from logits / tau (OPSD's loss), one chunk of positions at a time."""
+    return generalized_jsd(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), alpha)
 
-    w_t = min(exp(s_t - s_old_t), is_clip), detached; gradients flow only through the student.
+
+def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, divergence: torch.Tensor,
+                      distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lam_sd * the mean over distilled tokens of w_t * D_t (D: the micro-batch's divergence [b, T]); its sum.
+
+    w_t = min(exp(s_t - s_old_t), is_clip), detached (the log-ratio clamped to +-20 first, as SDPO's code).
     """
-    weight = torch.exp(mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(max=args.is_clip).detach()
-    per_token = weight * generalized_jsd(mb.out["gathered"], teacher_gathered[mb.rows].detach(), args.jsd_alpha)
-    masked = per_token * distill_mask[mb.rows]
+    weight = torch.exp((mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(-20, 20)).clamp(max=args.is_clip).detach()
+    masked = weight * divergence * distill_mask[mb.rows]
     return args.lam_sd * masked.sum() / mb.tokens["distill"], masked.sum()
 
 
-def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distilled: torch.Tensor, t_teacher: float) -> dict:
+def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
     """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
     n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
     return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
@@ -268,13 +350,31 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, distille
             "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
             "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
             "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
-            "sd/frac_rows_distilled": (all_reduce(distilled.float().sum()) / n_rows).item(),
             "perf/teacher_s": t_teacher}
 
 
+def teacher_messages(batch: Batch, args: Args, generator: torch.Generator) -> tuple[list[TeacherMessage], torch.Tensor]:
+    """Each row's teacher message in `--context`'s template, and which rows are distilled (SDPO: not all)."""
+    if args.context == "sdpo":
+        contexts = sdpo_contexts(batch, args.group_size, args.env_feedback)
+        return ([sdpo_message(e.prompt, *c) for e, c in zip(batch.examples, contexts)],
+                torch.tensor([c != (None, None) for c in contexts]))
+    everyone = torch.ones(len(batch.examples), dtype=torch.bool)
+    if args.context == "opsd":
+        return [opsd_message(e) for e in batch.examples], everyone
+    correct = torch.tensor([v.correct for v in batch.verdicts])
+    peers = choose_peers(correct, args.group_size, "random", generator).tolist()
+    return [antisd_message(e, v, batch.rollout.texts[p] if p >= 0 else None)
+            for e, v, p in zip(batch.examples, batch.verdicts, peers)], everyone
+
+
 def main(args: Args) -> None:
+    args = apply_preset(args)
+    logit, full_vocab = args.sd_loss == "logit", args.sd_loss == "logit" and args.topk == 0
+    if full_vocab and args.teacher == "current" and args.ppo_epochs * args.num_minibatches > 1:
+        raise ValueError("--topk 0 with --teacher current reads the teacher's LM head inside the update, so it needs "
+                         "one update per batch: drop --ppo-epochs/--num-minibatches, or use --teacher ema/initial")
     run = setup(args, "sd", teacher_weights=args.teacher, reference=args.beta > 0)
-    logit = args.sd_loss == "logit"
     for step in range(run.start_step, args.total_steps):
         metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
         t0 = time.perf_counter()
@@ -286,25 +386,24 @@ def main(args: Args) -> None:
         mask = batch.rollout.completion_mask.float()
 
         # 2. Old-policy log-probs s_old (logit mode: also the student's top-k to distil over), reference log-probs.
-        teacher_topk = logit and args.topk_from == "teacher"
-        old = score_rollout(run, batch, with_entropy=True, topk=args.topk if logit and not teacher_topk else 0)
+        old = score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
-        # 3. Teacher context c_i: reference solution (or answer) + feedback on the attempt.
-        blocks = [privileged_block(e, v, args.privileged, args.feedback) for e, v in zip(batch.examples, batch.verdicts)]
+        # 3. Teacher context c_i in the chosen paper's template; who is distilled (SDPO: rows with a peer or feedback).
+        generator = torch.Generator().manual_seed((args.seed + run.d.rank) * 1_000_003 + step)  # not the global RNG
+        messages, distilled = teacher_messages(batch, args, generator)
+        distill_mask = mask * distilled.to(mask.device)[:, None]
 
-        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t) (logit mode: also its
-        #    log-probs at the student's top-k, or at its own top-k, + the tail bucket).
-        teacher = score_teacher(run, batch, blocks, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
-                                topk=args.topk if teacher_topk else 0, gather_topk=teacher_topk,
-                                instruction=args.teacher_instruction)
-        distill_index = (teacher if teacher_topk else old).get("topk_index")
+        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t); logit mode: also its
+        #    log-probs at the student's top-k + the tail bucket, or (full vocabulary) its final hidden states.
+        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
+                                return_hidden=full_vocab)
         t_teach = time.perf_counter()
 
-        # 5. Credit u = t - s_old; token advantage A_t = A_i + lam * u (token mode) or a distillation loss.
-        credit = token_credit(teacher["logprobs"], old["logprobs"], mask)
-        distilled = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+        # 5. Credit u = t - s_old on distilled rows; token advantage A_t = A_i + lam * u (token mode) or a
+        #    distillation loss over the distilled tokens (logit mode).
+        credit = token_credit(teacher["logprobs"], old["logprobs"], distill_mask)
         if logit:
             token_advantages = advantages[:, None].expand_as(mask).contiguous()
         else:
@@ -313,18 +412,29 @@ def main(args: Args) -> None:
         def loss_fn(mb: MicroBatch):
             loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
             if logit:
-                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], teacher["gathered"], mask)
+                divergence = mb.out["paired"] if full_vocab else \
+                    generalized_jsd(mb.out["gathered"], teacher["gathered"][mb.rows], args.jsd_alpha)
+                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence, distill_mask)
                 loss = loss + distill
             return loss, stats
 
         # 6. Clipped-surrogate update (+ distillation), then the EMA teacher follows.
-        metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": mask} if logit else None,
-                            stat_masks={"loss/distill": "distill"}, row_inputs={"gather_index": distill_index} if logit else None)
+        if full_vocab:  # the teacher's head applied inside the update's chunks: no [B, T, V] tensor
+            row_inputs = {"paired_hidden": teacher["hidden"]}
+            forward_kwargs = {"paired_head": run.teacher_model.lm.lm_head,
+                              "paired_fn": functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)}
+        else:
+            row_inputs, forward_kwargs = ({"gather_index": old["topk_index"]} if logit else None), None
+        with unsharded(run.teacher if full_vocab else None):
+            metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask} if logit else None,
+                                stat_masks={"loss/distill": "distill"}, row_inputs=row_inputs,
+                                forward_kwargs=forward_kwargs)
         if args.teacher == "ema":
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
 
-        metrics |= sd_metrics(credit, teacher, mask, distilled, t_teach - t_score)
+        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
+        metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, args.group_size, step, run.d.is_main)
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
         run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
     run.close()

@@ -37,17 +37,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> (script, its flags): the five algorithms with their defaults (each paper's recipe), sd.py's logit
-# mode, sd.py as CREDIT's own lam = 0 baseline (SDPO's loss on the teacher's top-20, EMA 0.01, no GRPO term),
-# and the SD-frame variants of CREDIT and HSD (the advantage A_i + lam * credit of the shared frame).
+# name -> (script, its flags): the five algorithms with their defaults (each paper's recipe; sd.py's is AntiSD's token
+# frame), sd.py's logit mode and its two published presets (SDPO's and OPSD's official recipes), and HSD's context
+# in the SD frame (the advantage A_i + lam * credit).
 CONFIGS = {
     "grpo": ("grpo", []),
     "sd": ("sd", []),
     "sd-logit": ("sd", ["--sd-loss", "logit"]),
-    "sd-sdpo": ("sd", ["--sd-loss", "logit", "--topk-from", "teacher", "--jsd-alpha", "1", "--topk", "20",
-                       "--grpo-coef", "0", "--teacher", "ema", "--ema-rate", "0.01"]),
+    "sd-sdpo": ("sd", ["--preset", "sdpo"]),
+    "sd-opsd": ("sd", ["--preset", "opsd"]),
     "credit": ("credit", []),
-    "credit-frame": ("credit", ["--sd-loss", "token", "--grpo-coef", "1", "--contrast-weight", "0.5", "--teacher", "current"]),
     "antisd": ("antisd", []),
     "hsd": ("hsd", []),
     "hsd-frame": ("hsd", ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0"]),
@@ -60,18 +59,14 @@ REAL_MODEL, REAL_DATASET = "smollm2-135m", "rg:chain_sum?min_terms=2&max_terms=3
 REAL_FLAGS = ["--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "96", "--temperature", "0.7",
               "--micro-batch-rows", "16", "--eval-size", "200", "--eval-samples", "1", "--eval-temperature", "0",
               "--eval-max-new-tokens", "128", "--lora-rank", "64", "--learning-rate", "2e-5", "--save-every", "5"]
-# --real: flags of one script's recipe added after REAL_FLAGS (settings found by measurement on this task). The SD
-# scripts' teacher prompt ends without "Now solve the original problem step by step.": on SmolLM2 that line made the
-# teacher prefer long explanations to the task's short answers (it scored the end of a short answer ~1.1 nats below the
-# student, against ~0.3 without it), and completions grew to the 96-token cap.
-# sd.py and credit.py also drop the feedback sentence (--no-feedback): with the answer in the block, "Your answer was
-# incorrect/correct" made the teacher score even correct answers ~1.2 nats below the student (bench/teacher_signal.py:
-# pMI of correct rows -1.19 with it, -0.02 without), so distillation pushed good answers down too. sd.py weights its
-# token credit at lam 0.1 (default 0.5): at 0.5 the student learned to state a number without writing the sum out
-# ("The final answer is 8" where the base wrote "1 + 5 = 6"), and greedy accuracy went 0.205 -> 0.210 -> 0.100.
-REAL_RECIPES: dict[str, list[str]] = {script: ["--teacher-instruction", ""] for script in ("sd", "credit", "antisd", "hsd")}
-REAL_RECIPES["sd"] += ["--no-feedback", "--lam", "0.1"]
-REAL_RECIPES["credit"] += ["--no-feedback"]
+# --real: flags of one script's recipe added after REAL_FLAGS (settings found by measurement on this task). sd.py,
+# credit.py and antisd.py write their papers' teacher contexts verbatim. hsd.py's wording is the project's choice, and
+# here it ends without "Now solve the original problem step by step.": on SmolLM2 that line made the teacher prefer long
+# explanations to the task's short answers (it scored the end of a short answer ~1.1 nats below the student, against
+# ~0.3 without it), and completions grew to the 96-token cap. sd.py weights its token credit at lam 0.1 (default 0.5):
+# at 0.5 the student learned to state a number without writing the sum out ("The final answer is 8" where the base
+# wrote "1 + 5 = 6"), and greedy accuracy went 0.205 -> 0.210 -> 0.100 (with the earlier generic teacher context).
+REAL_RECIPES: dict[str, list[str]] = {"sd": ["--lam", "0.1"], "hsd": ["--teacher-instruction", ""]}
 
 
 def real_recipe(script: str) -> list[str]:

@@ -3,10 +3,11 @@
 Every configuration trains from the same base with the same seed for a few steps (no evaluation),
 rounds alternate between configurations to spread machine noise, and the table reports the median
 step time of each relative to grpo.py and to its own baseline (CREDIT to SDPO's loss in sd.py, AntiSD
-to sd.py, HSD to sd.py's top-k distillation), beside the papers' claims.
+to sd.py, HSD to OPSD's full-vocabulary distillation), beside the papers' claims.
 The first step of every run is dropped (warm-up). Also printed: each configuration's mean completion
 length over the timed steps (step time grows with it, and runs sample different completions once their
-updates differ) and grpo.py's step breakdown (generation / old-policy scoring / update fractions).
+updates differ), the median time of its teacher pass (with CREDIT's contrast) relative to its baseline's,
+and grpo.py's step breakdown (generation / old-policy scoring / update fractions).
 
     python bench/overhead.py                 # toy default, ~10 minutes on 2 CPU cores
     python bench/overhead.py --steps 4 --rounds 1 --only grpo sd-token   # quick look
@@ -28,24 +29,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import REAL_DATASET, REAL_FLAGS, REAL_MODEL  # noqa: E402
 
-SDPO = ["--sd-loss", "logit", "--topk-from", "teacher", "--jsd-alpha", "1", "--topk", "20", "--grpo-coef", "0",
-        "--teacher", "ema", "--ema-rate", "0.01"]  # CREDIT's own lam = 0 baseline
-CREDIT_FRAME = ["--sd-loss", "token", "--grpo-coef", "1", "--contrast-weight", "0.5", "--teacher", "current"]
+# CREDIT's own lam = 0 baseline: SDPO with CREDIT's EMA rate, reverse KL and top-20.
+SDPO_CREDIT = ["--preset", "sdpo", "--ema-rate", "0.01", "--jsd-alpha", "1", "--topk", "20"]
 CONFIGS = {
     "grpo": ("grpo", []),
-    "sd-token": ("sd", ["--sd-loss", "token"]),
+    "sd-token": ("sd", []),
     "sd-logit": ("sd", ["--sd-loss", "logit"]),
-    "sd-sdpo": ("sd", SDPO),
+    "sd-sdpo": ("sd", ["--preset", "sdpo"]),
+    "sd-sdpo-k20": ("sd", SDPO_CREDIT),
+    "sd-opsd": ("sd", ["--preset", "opsd"]),
     "credit": ("credit", []),
     "credit-c2": ("credit", ["--num-contrast", "2"]),
-    "credit-frame": ("credit", CREDIT_FRAME),
     "antisd": ("antisd", []),
     "hsd": ("hsd", []),
     "hsd-nodiag": ("hsd", ["--diagnostics-every", "0"]),
 }
 # The baseline each configuration is compared with beside grpo.py, and the paper's claim about it.
-BASELINE = {"credit": "sd-sdpo", "credit-c2": "sd-sdpo", "credit-frame": "sd-token", "antisd": "sd-token",
-            "hsd": "sd-logit", "hsd-nodiag": "sd-logit"}
+BASELINE = {"credit": "sd-sdpo-k20", "credit-c2": "sd-sdpo-k20", "antisd": "sd-token", "hsd": "sd-opsd",
+            "hsd-nodiag": "sd-opsd"}
 CLAIMS = {"credit": "CREDIT: about 1% over SDPO", "antisd": "AntiSD: no additional cost over SD",
           "hsd-nodiag": "HSD: 1.17x OPSD (24.1 s vs 20.6 s on 8xH100)",
           "sd-token": "one extra teacher forward", "sd-logit": "teacher top-k gather"}
@@ -80,23 +81,27 @@ def main() -> None:
         common = real_flags() + ["--seed", "1"]
     times: dict[str, list[float]] = {n: [] for n in a.only}
     lengths: dict[str, list[float]] = {n: [] for n in a.only}  # step time grows with the completions' length
+    teacher: dict[str, list[float]] = {n: [] for n in a.only}  # the teacher pass alone (its contrast included)
     breakdown: list[dict] = []
     for _ in range(a.rounds):
         for name in a.only:
             rows = run_config(name, a.steps, common)[1:]
             times[name] += [r["perf/step_s"] for r in rows]
             lengths[name] += [r["completion/len_mean"] for r in rows]
+            teacher[name] += [r["perf/teacher_s"] for r in rows if "perf/teacher_s" in r]
             if name == "grpo":
                 breakdown += rows
     base = statistics.median(times["grpo"]) if "grpo" in times else None
-    print(f"\n{'config':<13} {'vs grpo':>8} {'vs baseline':>20} {'tokens':>7}  claim")
+    print(f"\n{'config':<13} {'vs grpo':>8} {'vs baseline':>20} {'teacher pass vs baseline':>25} {'tokens':>7}  claim")
     for name in a.only:
         med = statistics.median(times[name])
         vs_grpo = f"{med / base:.2f}x" if base else "-"
         ref = BASELINE.get(name)
         vs_ref = f"{med / statistics.median(times[ref]):.2f}x {ref}" if ref in times else ""
+        vs_teacher = f"{statistics.median(teacher[name]) / statistics.median(teacher[ref]):.2f}x" \
+            if ref in times and teacher[name] and teacher[ref] else ""
         tokens = statistics.mean(lengths[name])
-        print(f"{name:<13} {vs_grpo:>8} {vs_ref:>20} {tokens:>7.1f}  {CLAIMS.get(name, '')}")
+        print(f"{name:<13} {vs_grpo:>8} {vs_ref:>20} {vs_teacher:>25} {tokens:>7.1f}  {CLAIMS.get(name, '')}")
     if breakdown:
         parts = {k: statistics.median(r[f"perf/{k}_s"] / r["perf/step_s"] for r in breakdown)
                  for k in ("generate", "score", "update")}

@@ -1,14 +1,19 @@
-"""What the self-teacher says about the student's own rollouts, for each teacher-prompt instruction, in one run.
+"""What the self-teacher says about the student's own rollouts under each published teacher context, in one run.
 
 Samples G completions for each of P training problems from the base policy, verifies them, and scores the same
-tokens under sd.py's teacher prompt (the answer-only block, with and without feedback on the attempt) ending in
-each instruction given, with the base weights (sd.py's `current` teacher at step 0). For each setting it prints:
+tokens under each script's teacher context (SDPO's, OPSD's and AntiSD's templates as sd.py writes them, HSD's
+wording), with the base weights (the `current` teacher at step 0). For each context it prints, over the rows
+that context distils (SDPO distils only rows with a successful peer or environment feedback):
 
+  rows                  how many rows are distilled
   pMI correct / wrong   mean over rows of sum_t u_t, u_t = log pi_T(y_t | x, c, y_<t) - log pi(y_t | x, y_<t):
                         a useful teacher likes correct rows more than wrong ones
-  u per token           mean credit over all completion tokens
-  u at EOS              mean credit of the end-of-sequence token on rows that ended: negative values push
-                        the student to stop later, so distillation lengthens its answers
+  gap                   pMI correct - pMI wrong: how well the context separates them (larger is better)
+  gap, shared rows      the same over the rows that every context listed distils (SDPO's, when it is listed),
+                        so that the contexts compare on the same rollouts
+  u per token           mean credit over the distilled completion tokens
+  u at EOS              mean credit of the end-of-sequence token on distilled rows that ended: negative values
+                        push the student to stop later, so distillation lengthens its answers
 
     python bench/teacher_signal.py                             # SmolLM2-135M, rg:chain_sum, 12 x 8, 96 tokens
     python bench/teacher_signal.py --model toy --dataset toy --quick
@@ -19,33 +24,53 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import sd  # noqa: E402  (sd.py's own teacher block: the answer line, then the feedback sentence)
+import hsd  # noqa: E402  (HSD's own wording)
+import sd  # noqa: E402  (the published templates: SDPO, OPSD, AntiSD)
 from common.data import load_examples  # noqa: E402
 from common.logprobs import score_completions  # noqa: E402
 from common.models import load_policy, load_tokenizer  # noqa: E402
 from common.prompts import render_prompts  # noqa: E402
 from common.rollout import generate  # noqa: E402
-from common.teacher import TEACHER_INSTRUCTION, teacher_inputs  # noqa: E402
+from common.teacher import teacher_inputs  # noqa: E402
 from common.verifiers import verify  # noqa: E402
 
 CHAIN_SUM = "rg:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=2"
+CONTEXTS = ["sdpo", "opsd", "antisd", "hsd"]
 
 
-def credit_summary(u: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, ended: torch.Tensor) -> dict[str, float]:
-    """pMI of correct and wrong rows, mean credit per token, mean credit at the EOS of the rows that ended."""
+def credit_summary(u: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, ended: torch.Tensor,
+                   rows: torch.Tensor) -> dict[str, float]:
+    """Over `rows` (bool [B]): their number, pMI of correct and wrong ones, mean credit per token, mean credit
+    at the EOS of those that ended."""
     pmi = (u * mask).sum(-1)
     last = (mask.sum(-1).long() - 1).clamp(min=0)
-    at_eos = u[torch.arange(u.shape[0]), last][ended]
+    at_eos = u[torch.arange(u.shape[0]), last][ended & rows]
     nan = float("nan")
-    return {"pmi_correct": pmi[correct].mean().item() if correct.any() else nan,
-            "pmi_wrong": pmi[~correct].mean().item() if (~correct).any() else nan,
-            "u_token": ((u * mask).sum() / mask.sum()).item(),
-            "u_eos": at_eos.mean().item() if ended.any() else nan}
+    pmi_correct = pmi[correct & rows].mean().item() if (correct & rows).any() else nan
+    pmi_wrong = pmi[~correct & rows].mean().item() if (~correct & rows).any() else nan
+    m = mask[rows]
+    return {"rows": int(rows.sum()), "pmi_correct": pmi_correct, "pmi_wrong": pmi_wrong, "gap": pmi_correct - pmi_wrong,
+            "u_token": ((u[rows] * m).sum() / m.sum()).item() if m.sum() > 0 else nan,
+            "u_eos": at_eos.mean().item() if at_eos.numel() else nan}
+
+
+def context_messages(context: str, batch: SimpleNamespace, group_size: int, seed: int) -> tuple[list, torch.Tensor]:
+    """Each row's teacher message under `context` and which rows it distils (sd.py's templates, hsd.py's wording)."""
+    if context in ("sdpo", "opsd", "antisd"):
+        args = sd.Args(context=context, group_size=group_size)
+        return sd.teacher_messages(batch, args, torch.Generator().manual_seed(seed))
+    correct = torch.tensor([v.correct for v in batch.verdicts])
+    peers = hsd.choose_peers(correct, group_size, "random", torch.Generator().manual_seed(seed)).tolist()
+    instruction = hsd.Args().teacher_instruction
+    return [hsd.hsd_message(e, hsd.privileged_block(e, v, batch.rollout.texts[p] if p >= 0 else None, False),
+                            instruction) for e, v, p in zip(batch.examples, batch.verdicts, peers)], \
+        torch.ones(len(peers), dtype=torch.bool)
 
 
 def main() -> None:
@@ -57,8 +82,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--instructions", nargs="+", default=[TEACHER_INSTRUCTION, ""],
-                   help='teacher prompt last lines to compare ("" for none)')
+    p.add_argument("--contexts", nargs="+", default=CONTEXTS, choices=CONTEXTS, help="teacher contexts to compare")
     p.add_argument("--quick", action="store_true", help="2 prompts x 4 samples of 16 tokens: a smoke run")
     a = p.parse_args()
     if a.quick:
@@ -72,27 +96,34 @@ def main() -> None:
                      temperature=a.temperature)
     rows = [e for e in examples for _ in range(a.group_size)]
     verdicts = [verify(e, text) for e, text in zip(rows, r.texts)]
+    batch = SimpleNamespace(examples=rows, verdicts=verdicts, rewards=torch.tensor([v.reward for v in verdicts]),
+                            rollout=r)
     correct, ended = torch.tensor([v.correct for v in verdicts]), ~r.truncated
     mask = r.completion_mask.float()
 
     def scores(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return score_completions(policy, prompt_ids, prompt_mask, r.completion_ids, r.completion_mask, 1.0, 512,
-                                     a.group_size)["logprobs"]
+            return score_completions(policy, prompt_ids, prompt_mask, r.completion_ids, r.completion_mask,
+                                     a.temperature, 512, a.group_size)["logprobs"]
 
     student = scores(r.prompt_ids, r.prompt_mask)
+    groups = correct.view(-1, a.group_size).any(-1)
     print(f"\n{a.model} on {a.dataset}: {a.num_prompts} prompts x {a.group_size} samples at T={a.temperature:g}, "
-          f"{a.max_new_tokens} new tokens: {correct.sum().item()} correct, {ended.sum().item()} ended, mean length "
-          f"{statistics.mean(mask.sum(-1).tolist()):.1f}")
-    print(f"{'instruction':<48} {'feedback':>8} {'pMI correct':>11} {'pMI wrong':>10} {'u/token':>8} {'u at EOS':>9}")
-    for instruction in a.instructions:
-        for feedback in (True, False):
-            blocks = [sd.privileged_block(e, v, "answer", feedback) for e, v in zip(rows, verdicts)]
-            ids, pmask, _ = teacher_inputs(tok, [e.prompt for e in rows], blocks, 10_000, device,
-                                           instruction=instruction)
-            s = credit_summary((scores(ids, pmask) - student) * mask, mask, correct, ended)
-            print(f"{repr(instruction)[:48]:<48} {'on' if feedback else 'off':>8} {s['pmi_correct']:>11.2f} "
-                  f"{s['pmi_wrong']:>10.2f} {s['u_token']:>8.3f} {s['u_eos']:>9.2f}")
+          f"{a.max_new_tokens} new tokens: {correct.sum().item()} correct, {groups.sum().item()} of {len(groups)} groups "
+          f"with a success, {ended.sum().item()} ended, mean length {statistics.mean(mask.sum(-1).tolist()):.1f}")
+    credits, rows = {}, {}
+    for context in a.contexts:
+        messages, rows[context] = context_messages(context, batch, a.group_size, a.seed)
+        ids, pmask, _ = teacher_inputs(tok, messages, 10_000, device)
+        credits[context] = (scores(ids, pmask) - student) * mask
+    shared = torch.stack(list(rows.values())).all(0)
+    print(f"{'context':<8} {'rows':>5} {'pMI correct':>11} {'pMI wrong':>10} {'gap':>6} {'u/token':>8} {'u at EOS':>9} "
+          f"{'gap, ' + str(int(shared.sum())) + ' shared rows':>20}")
+    for context in a.contexts:
+        s = credit_summary(credits[context], mask, correct, ended, rows[context])
+        common = credit_summary(credits[context], mask, correct, ended, shared)
+        print(f"{context:<8} {s['rows']:>5} {s['pmi_correct']:>11.2f} {s['pmi_wrong']:>10.2f} {s['gap']:>6.2f} "
+              f"{s['u_token']:>8.3f} {s['u_eos']:>9.2f} {common['gap']:>20.2f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from common.example import Example
-from common.teacher import teacher_prompt
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-base"
 REGEN_COMMAND = "python -m common.toy"
@@ -23,9 +22,9 @@ N_TERMS = 3
 DIGITS = 2
 N_TRAIN, N_TEST = 5000, 200
 # Stopped by step count before the student's accuracy jumps (measured with `python -m common.toy --measure`):
-# 32.5% greedy, 92% with the solution in the teacher prompt, 21% sampled at temperature 1, and 65% of
-# groups of 8 samples hold a correct one, so that RL has a signal to learn from.
-PRETRAIN_STEPS = 1675
+# 31.5% greedy, 95-97% with a correct solution in SDPO's, OPSD's or AntiSD's teacher prompt, 19.5% sampled at
+# temperature 1, and 70% of groups of 8 samples hold a correct one, so that RL has a signal to learn from.
+PRETRAIN_STEPS = 950
 TEST_BUCKETS = 10  # a problem belongs to the test split iff hash(prompt) % TEST_BUCKETS == 0
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -107,11 +106,41 @@ def student_text(tokenizer: transformers.PreTrainedTokenizerFast, prompt: str) -
                                          add_generation_prompt=True)
 
 
+def teacher_text(problem: str, block: str) -> str:
+    """hsd.py's teacher prompt wording: `{problem}\n\n{block}\n\nNow solve the original problem step by step.`."""
+    return f"{problem}\n\n{block}\n\nNow solve the original problem step by step."
+
+
 def random_privileged(rng: random.Random, ex: Example) -> str:
-    """One of the privileged blocks the SD scripts build, optionally followed by verifier feedback."""
+    """One of the privileged blocks hsd.py builds (solution, answer, peer and answer), optionally with feedback."""
     block = rng.choice([ex.solution, f"The correct final answer is: {ex.answer}",
                         f"A correct solution:\n\n{ex.solution}\n\nThe correct final answer is: {ex.answer}"])
-    return block + "\n\n" + rng.choice(FEEDBACK) if rng.random() < 0.5 else block
+    return block + "\n\n" + rng.choice(FEEDBACK[:2]) if rng.random() < 0.5 else block
+
+
+TEACHER_CONTEXTS = ("sdpo", "opsd", "antisd", "hsd")
+"""The teacher contexts of the SD scripts, in the order pre-training draws them."""
+
+
+def teacher_message(ex: Example, context: str, rng: random.Random) -> str:
+    """The teacher user message of `context` around a correct solution: SDPO's, OPSD's and AntiSD's templates (sd.py
+    writes them verbatim; a test keeps these equal), or hsd.py's wording with one of its blocks (drawn with `rng`)."""
+    if context == "sdpo":
+        return f"{ex.prompt}\nCorrect solution:\n\n{ex.solution}\n\nCorrectly solve the original question."
+    if context == "opsd":
+        return (f"{ex.prompt}\n\nHere is a reference solution to this problem:\n{ex.solution}\n\n\nAfter understanding "
+                f"the reference solution and the rationale behind each step, now articulate your own step-by-step "
+                f"reasoning that derives the same final answer to the problem below:\n\nPlease reason step by step, "
+                f"and put your final answer within \\boxed{{}}.")
+    if context == "antisd":
+        return (f"{ex.prompt}\n\nYour previous attempt:\n{ex.solution}\n\nPrevious assessment: "
+                f"{rng.choice(FEEDBACK[2:])}\nNow solve this problem step by step.")
+    return teacher_text(ex.prompt, random_privileged(rng, ex))
+
+
+def random_teacher_message(rng: random.Random, ex: Example) -> str:
+    """A teacher user message in one of the contexts, drawn uniformly."""
+    return teacher_message(ex, TEACHER_CONTEXTS[rng.randrange(len(TEACHER_CONTEXTS))], rng)
 
 
 def batch_loss(model: transformers.Qwen3ForCausalLM, tokenizer: transformers.PreTrainedTokenizerFast,
@@ -151,8 +180,8 @@ def pretrain(out_dir: Path = TOY_MODEL_DIR, seed: int = 0, steps: int = PRETRAIN
         student, teacher = batch[n_teacher:], batch[:n_teacher]
         loss_s, n_s = batch_loss(model, tokenizer, [student_text(tokenizer, ex.prompt) for ex in student],
                                  [ex.solution for ex in student])
-        loss_t, n_t = batch_loss(model, tokenizer, [student_text(tokenizer, teacher_prompt(
-            ex.prompt, random_privileged(rng, ex))) for ex in teacher], [ex.solution for ex in teacher])
+        loss_t, n_t = batch_loss(model, tokenizer, [student_text(tokenizer, random_teacher_message(rng, ex))
+                                                    for ex in teacher], [ex.solution for ex in teacher])
         loss = (loss_s + loss_t) / (n_s + n_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,17 +218,22 @@ def accuracy(model: transformers.Qwen3ForCausalLM, tokenizer: transformers.PreTr
 
 
 def measure(model_dir: Path = TOY_MODEL_DIR, n: int | None = None, seed: int = 0) -> dict[str, float]:
-    """Test-split accuracy of the student prompt and of the teacher prompt with solution/answer context."""
+    """Test-split accuracy of the student prompt, of each script's teacher prompt around the reference solution (HSD's
+    with a correct peer's block), of hsd.py's answer-only teacher prompt, and of the student prompt sampled at T=1."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     test = examples("test")[:n]
     answers = [ex.answer for ex in test]
     torch.manual_seed(seed)
+    rng = random.Random(seed)
+    hsd_peer = [teacher_text(ex.prompt, f"A correct solution:\n\n{ex.solution}\n\nThe correct final answer is: "
+                                        f"{ex.answer}") for ex in test]
     return {
         "base_greedy": accuracy(model, tokenizer, [ex.prompt for ex in test], answers),
-        "solution_context": accuracy(model, tokenizer, [teacher_prompt(ex.prompt, ex.solution) for ex in test],
-                                     answers),
-        "answer_context": accuracy(model, tokenizer, [teacher_prompt(
+        **{f"{c}_context": accuracy(model, tokenizer, [teacher_message(ex, c, rng) for ex in test], answers)
+           for c in TEACHER_CONTEXTS[:3]},
+        "hsd_peer_context": accuracy(model, tokenizer, hsd_peer, answers),
+        "answer_context": accuracy(model, tokenizer, [teacher_text(
             ex.prompt, f"The correct final answer is: {ex.answer}") for ex in test], answers),
         "sampled_t1": accuracy(model, tokenizer, [ex.prompt for ex in test], answers, temperature=1.0),
     }

@@ -17,7 +17,7 @@ from common.dist import Dist
 from common.logprobs import naive_token_stats
 from common.prompts import render_prompts
 from common.rollout import generate
-from common.teacher import score_teacher, teacher_prompt
+from common.teacher import TeacherMessage, score_teacher
 from common.verifiers import Verdict
 from test_sd import PROBLEMS, run_script
 
@@ -119,17 +119,19 @@ def test_gate_state_dict_round_trip_mid_warmup():
     assert trace == expected and resumed.h_warm == whole.h_warm and 0.0 in expected and 1.0 in expected
 
 
-def test_privileged_block_peer_then_fallback():
+def test_teacher_context_is_appendix_c_with_a_peer_then_the_reference():
     correct = torch.tensor([False, True, True, False, False, False, False, True])
     assert antisd.choose_peers(correct, 4, "first").tolist() == [1, 2, 1, 1, 7, 7, 7, -1]
     ok, bad = Verdict(1.0, True, ""), Verdict(0.0, False, "")
     ex = Example("Compute 1+2.", "3", solution="1+2=3\nAnswer: 3")
-    assert antisd.privileged_block(ex, bad, "peer text", "solution", True) == "peer text\n\nYour answer is incorrect."
-    assert antisd.privileged_block(ex, ok, None, "solution", True) == "1+2=3\nAnswer: 3\n\nYour answer is correct."
-    assert antisd.privileged_block(ex, ok, None, "answer", False) == "The correct final answer is: 3"
-    code = Example("f", "", tests=["assert a", "assert b", "assert c", "assert d"], task="code")
-    assert antisd.privileged_block(code, Verdict(0.75, False, "x"), None, "answer", True).endswith(
-        "Your code passes 3 of 4 test cases.")
+    tail = "\nNow solve this problem step by step."
+    assert antisd.antisd_message(ex, bad, "peer text").text == \
+        "Compute 1+2.\n\nYour previous attempt:\npeer text\n\nPrevious assessment: Your answer is incorrect." + tail
+    assert antisd.antisd_message(ex, ok, None).text == \
+        "Compute 1+2.\n\nYour previous attempt:\n1+2=3\nAnswer: 3\n\nPrevious assessment: Your answer is correct." + tail
+    code = Example("f", "", tests=["assert a", "assert b", "assert c", "assert d"], task="code", solution="def f(): ...")
+    assert antisd.antisd_message(code, Verdict(0.75, False, "x"), None).tail == \
+        "\n\nPrevious assessment: Your code passes 3 of 4 test cases." + tail
 
 
 @torch.no_grad()
@@ -137,13 +139,13 @@ def test_teacher_entropy_chunked_equals_full_softmax(policy, tokenizer):
     torch.manual_seed(0)
     r = generate(policy, tokenizer, render_prompts(tokenizer, PROBLEMS), 2, 12, temperature=1.0)
     examples = [Example(p, "0") for p in PROBLEMS for _ in range(2)]
-    blocks = [f"The correct final answer is: {i}" * (1 + i % 3) for i in range(6)]
+    messages = [TeacherMessage(f"{e.prompt}\n\n", f"The correct final answer is: {i}" * (1 + i % 3)) for i, e in enumerate(examples)]
     args = antisd.Args(temperature=0.7, logprob_chunk=5, micro_batch_rows=4)
     run = SimpleNamespace(args=args, policy=policy, teacher_model=policy, tokenizer=tokenizer, d=Dist())
-    out = score_teacher(run, SimpleNamespace(rollout=r, examples=examples), blocks, args.max_teacher_prompt_tokens,
+    out = score_teacher(run, SimpleNamespace(rollout=r, examples=examples), messages, args.max_teacher_prompt_tokens,
                         with_entropy=True)
     for i in range(6):  # one unpadded full-vocabulary forward per row
-        p = tokenizer(render_prompts(tokenizer, [teacher_prompt(examples[i].prompt, blocks[i])])[0],
+        p = tokenizer(render_prompts(tokenizer, [messages[i].text])[0],
                       add_special_tokens=False).input_ids
         y = r.completion_ids[i][r.completion_mask[i].bool()]
         logits = policy.lm(input_ids=torch.tensor(p + y.tolist())[None]).logits[0, len(p) - 1:-1]
@@ -200,8 +202,8 @@ def test_peer_is_drawn_from_the_other_correct_rows(tmp_path, monkeypatch):
     """Each row's verified solution is another correct row of its group, drawn at random (seeded), not always the first."""
     calls = []
     score = antisd.score_teacher
-    monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, blocks, *a, **kw:
-                        calls.append((batch, blocks)) or score(run, batch, blocks, *a, **kw))
+    monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, messages, *a, **kw:
+                        calls.append((batch, [m.block for m in messages])) or score(run, batch, messages, *a, **kw))
     flags = ["--total-steps", "3", "--eval-every", "0", "--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "48",
              "--sample-every", "0"]
     run_script(antisd, "toy", tmp_path / "r", *flags)
@@ -212,12 +214,12 @@ def test_peer_is_drawn_from_the_other_correct_rows(tmp_path, monkeypatch):
             group = range(i // G * G, i // G * G + G)
             others = [j for j in group if j != i and batch.verdicts[j].correct]
             if others:
-                chosen = [j for j in others if block.startswith(texts[j] + "\n\n")]
+                chosen = [j for j in others if block == texts[j]]
                 assert chosen, f"row {i}: the block is not a correct peer's text"
                 not_first += others[0] not in chosen
     assert not_first > 0
     again = []
-    monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, blocks, *a, **kw:
-                        again.append(blocks) or score(run, batch, blocks, *a, **kw))
+    monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, messages, *a, **kw:
+                        again.append([m.block for m in messages]) or score(run, batch, messages, *a, **kw))
     run_script(antisd, "toy", tmp_path / "s", *flags)
     assert again == [blocks for _, blocks in calls]  # seeded: the same draws again

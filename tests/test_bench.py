@@ -114,6 +114,7 @@ def test_overhead_table_gives_ratios_and_lengths():
             if line.split() and line.split()[0] in ("grpo", "sd-token", "antisd")}
     assert rows["grpo"][1] == "1.00x"
     assert float(rows["antisd"][2].rstrip("x")) > 0 and rows["antisd"][3] == "sd-token"  # against its own baseline
+    assert float(rows["antisd"][4].rstrip("x")) > 0  # its teacher pass against sd-token's
     assert 0 < float(rows["sd-token"][2]) <= 48  # mean completion length, within the toy's token budget
 
 
@@ -131,7 +132,7 @@ def test_overhead_real_flags_are_compare_reals_without_checkpoints():
 
 def test_real_recipes_parse_with_their_scripts(tmp_path):
     """Every script's --real command line (shared flags + its recipe) is valid, and the recipe sets what README says:
-    the SD scripts' teacher prompt without its last line, no feedback sentence in sd.py's and credit.py's, sd.py's lam."""
+    hsd.py's teacher prompt without its last line, sd.py's lam."""
     import importlib
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -142,9 +143,8 @@ def test_real_recipes_parse_with_their_scripts(tmp_path):
         flags = [*compare.REAL_FLAGS, *compare.real_recipe(script), "--output-dir", str(tmp_path / script)]
         args = cli(importlib.import_module(script).Args, args=flags)
         assert args.lora_rank == 64 and args.eval_size == 200 and args.eval_temperature == 0
-        if script != "grpo":
-            assert args.teacher_instruction == ""
-            assert args.feedback is (script == "antisd")  # hsd.py's default is already off; antisd.py keeps its own
+        if script == "hsd":
+            assert args.teacher_instruction == "" and args.feedback is False
         if script == "sd":
             assert args.lam == 0.1  # its token credit at a fifth of the default
 
@@ -160,21 +160,27 @@ def test_teacher_signal_summary_against_explicit_sums():
     correct = torch.tensor([True, False, True, False, False, True])
     ended = torch.tensor([True, True, False, True, True, False])
     pmi = [sum(u[i, t].item() for t in range(n)) for i, n in enumerate(lengths)]
-    s = credit_summary(u * mask, mask, correct, ended)
-    assert abs(s["pmi_correct"] - (pmi[0] + pmi[2] + pmi[5]) / 3) < 1e-5
+    s = credit_summary(u * mask, mask, correct, ended, torch.ones(6, dtype=torch.bool))
+    assert s["rows"] == 6 and abs(s["pmi_correct"] - (pmi[0] + pmi[2] + pmi[5]) / 3) < 1e-5
     assert abs(s["pmi_wrong"] - (pmi[1] + pmi[3] + pmi[4]) / 3) < 1e-5
+    assert abs(s["gap"] - (pmi[0] + pmi[2] + pmi[5]) / 3 + (pmi[1] + pmi[3] + pmi[4]) / 3) < 1e-5
     assert abs(s["u_token"] - sum(pmi) / sum(lengths)) < 1e-5
     eos = [u[i, n - 1].item() for i, n in enumerate(lengths) if ended[i]]
     assert abs(s["u_eos"] - sum(eos) / len(eos)) < 1e-5
+    some = torch.tensor([True, True, False, False, True, False])  # a context that distils rows 0, 1, 4 only
+    s = credit_summary(u * mask, mask, correct, ended, some)
+    assert s["rows"] == 3 and abs(s["pmi_correct"] - pmi[0]) < 1e-5 and abs(s["pmi_wrong"] - (pmi[1] + pmi[4]) / 2) < 1e-5
+    assert abs(s["u_token"] - (pmi[0] + pmi[1] + pmi[4]) / (5 + 3 + 2)) < 1e-5
+    assert abs(s["u_eos"] - (u[0, 4].item() + u[1, 2].item() + u[4, 1].item()) / 3) < 1e-5
 
 
-def test_teacher_signal_quick_prints_every_setting():
+def test_teacher_signal_quick_prints_every_context():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "teacher_signal.py"), "--model", "toy", "--dataset", "toy",
-                           "--quick", "--instructions", "Now solve the original problem step by step.", ""],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("'Now", "''"))]
-    assert len(rows) == 4 and sum(" on " in r for r in rows) == 2
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["sdpo"], ["opsd"], ["antisd"], ["hsd"])]
+    assert [r[0] for r in rows] == ["sdpo", "opsd", "antisd", "hsd"] and all(int(r[1]) <= 8 for r in rows)
+    assert [int(r[1]) for r in rows[1:]] == [8, 8, 8]  # every row but SDPO's peerless ones is distilled
 
 
 def test_compare_run_output_goes_to_a_log_named_in_the_error(tmp_path):

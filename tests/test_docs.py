@@ -132,8 +132,8 @@ FAST = ["--total-steps", "2", "--eval-every", "1", "--eval-size", "8", "--num-pr
         "--sample-every", "0"]
 CONFIGS = {
     "grpo": [[], ["--beta", "0.1", "--ppo-epochs", "2", "--dynamic-sampling"]],
-    "sd": [[], ["--sd-loss", "logit", "--beta", "0.1"]],
-    "credit": [["--beta", "0.1"], ["--sd-loss", "token", "--grpo-coef", "1", "--contrast-weight", "0.5", "--teacher", "current"]],
+    "sd": [[], ["--preset", "sdpo", "--beta", "0.1"]],
+    "credit": [["--beta", "0.1"]],
     "antisd": [["--gate-warmup-steps", "1", "--beta", "0.1"]],
     "hsd": [["--diagnostics-every", "1"], ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0"]],
 }

@@ -9,7 +9,6 @@ import tyro
 
 import grpo
 import hsd
-import sd
 from common import batch as batch_module
 from common.example import Example
 from common.logprobs import token_stats
@@ -58,7 +57,7 @@ def test_hindsight_block_format_and_fallback():
     assert hsd.privileged_block(ex, BAD, "  raw text, kept as is \n", True) == \
         "A correct solution:\n\n  raw text, kept as is \n\n\nThe correct final answer is: 46\n\nYour previous attempt was incorrect."
     assert hsd.privileged_block(ex, OK, None, True) == "The correct final answer is: 46\n\nYour previous attempt was correct."
-    assert hsd.privileged_block(ex, BAD, None, False) == sd.answer_block(ex)
+    assert hsd.privileged_block(ex, BAD, None, False) == hsd.answer_block(ex)
 
 
 def test_divergence_index_hand_built():
@@ -123,8 +122,8 @@ def captured(monkeypatch):
     calls = {"teacher": [], "update": [], "advantages": []}
     score, update, loss = hsd.score_teacher, hsd.optimize, hsd.policy_loss
     monkeypatch.setattr(batch_module, "verify", coin_verify)
-    monkeypatch.setattr(hsd, "score_teacher", lambda run, batch, blocks, *a, **kw:
-                        calls["teacher"].append((batch, blocks)) or score(run, batch, blocks, *a, **kw))
+    monkeypatch.setattr(hsd, "score_teacher", lambda run, batch, messages, *a, **kw:
+                        calls["teacher"].append((batch, [m.block for m in messages])) or score(run, batch, messages, *a, **kw))
     monkeypatch.setattr(hsd, "optimize", lambda run, batch, loss_fn, step, **kw:
                         calls["update"].append((batch, kw.get("token_masks"))) or update(run, batch, loss_fn, step, **kw))
     monkeypatch.setattr(hsd, "policy_loss", lambda mb, args, adv, *a:
@@ -156,7 +155,7 @@ def test_token_mode_runs_with_peer_contexts_and_all_metrics(tiny_model_dir, tmp_
                 assert any(block.startswith(hsd.hindsight_block(texts[j], batch.examples[i].answer)) for j in peers)
                 seen_peer = True
             else:
-                assert block.startswith(sd.answer_block(batch.examples[i]))
+                assert block.startswith(hsd.answer_block(batch.examples[i]))
             assert block.endswith("Your previous attempt was correct." if v.correct else "Your previous attempt was incorrect.")
         assert seen_peer
     _, answer_only = captured["teacher"][1]
@@ -238,3 +237,19 @@ def test_abs_credit_near_divergence_by_hand():
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
     share = hsd.abs_credit_near(delta, mask, torch.tensor([1, 2]), 1)
     torch.testing.assert_close(share, torch.tensor([(1 + 2 + 0) / 6, 0.0]))  # the masked -4 never counts
+
+
+def test_teacher_message_wording_and_the_instruction_flag_reach_every_teacher_pass(tiny_model_dir, tmp_path, monkeypatch):
+    """HSD's wording is the project's choice: `{problem}\n\n{block}\n\n{instruction}`; --teacher-instruction "" drops
+    the last line from the peer and the answer-only passes alike."""
+    ex = Example("Compute 12+34.", "46")
+    assert hsd.hsd_message(ex, "B", "Do it.").text == "Compute 12+34.\n\nB\n\nDo it."
+    assert hsd.hsd_message(ex, "B", "").text == "Compute 12+34.\n\nB"
+    tails, score = [], hsd.score_teacher
+    monkeypatch.setattr(hsd, "score_teacher", lambda run, batch, messages, *a, **kw:
+                        tails.append({m.tail for m in messages}) or score(run, batch, messages, *a, **kw))
+    run_script(tiny_model_dir, tmp_path / "n", "--teacher-instruction", "", "--diagnostics-every", "1")
+    assert len(tails) == 4 and all(t == {""} for t in tails)
+    tails.clear()
+    run_script(tiny_model_dir, tmp_path / "d", "--total-steps", "1")
+    assert tails and all(t == {"\n\nNow solve the original problem step by step."} for t in tails)

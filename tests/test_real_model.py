@@ -32,7 +32,7 @@ from common.logprobs import score_completions
 from common.models import Policy, load_policy, load_tokenizer
 from common.prompts import render_prompts
 from common.rollout import generate
-from common.teacher import TEACHER_INSTRUCTION, teacher_inputs, teacher_prompt
+from common.teacher import teacher_inputs
 from common.verifiers import verify
 
 pytestmark = pytest.mark.real_model
@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl"
 SCRIPTS = [name for name in ("grpo", "sd", "credit", "antisd", "hsd") if (ROOT / f"{name}.py").exists()]
 SD_FAMILY = {"sd", "credit", "antisd", "hsd"}
+TEACHER_TAIL = {"sd": "Now solve this problem step by step.", "antisd": "Now solve this problem step by step.",
+                "credit": "Correctly solve the original question.", "hsd": "Now solve the original problem step by step."}
+"""The last line of each SD script's default teacher prompt (AntiSD's, SDPO's, hsd.py's wording)."""
 STEPS = int(os.environ.get("CLEANSD_REAL_MODEL_STEPS", "1"))
 """Training steps per script: 1 keeps the file near 3 minutes on 2 CPU cores (2 costs ~20 s more per script)."""
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -83,15 +86,16 @@ def test_sd_identity_on_real_tokenizer_and_chat_template(model_dir):
     # Old-policy pass: the rollout's own left-padded prompts, micro-batched, chunked.
     old = score_completions(policy, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.0, 5, 3)
     rows = [e for e in examples for _ in range(2)]
-    blocks = [sd.privileged_block(e, verify(e, text), "solution", True) for e, text in zip(rows, r.texts)]
-    blocks[1] = sd.answer_block(rows[1])  # teacher prompts of four different lengths
-    ids, mask, shortened = teacher_inputs(tok, [e.prompt for e in rows], blocks, 10_000, torch.device("cpu"))
+    messages = [sd.antisd_message(e, verify(e, text), None) for e, text in zip(rows, r.texts)]
+    messages[1] = sd.sdpo_message(rows[1].prompt, r.texts[0], None)  # teacher prompts of different templates
+    messages[3] = sd.opsd_message(rows[3])
+    ids, mask, shortened = teacher_inputs(tok, messages, 10_000, torch.device("cpu"))
     assert not shortened.any() and mask.shape[1] > r.prompt_mask.shape[1]
     for i, e in enumerate(rows):
         teacher_text = tok.decode(ids[i][mask[i].bool()], clean_up_tokenization_spaces=False)
-        assert teacher_text == render_prompts(tok, [teacher_prompt(e.prompt, blocks[i])])[0]
-        assert teacher_text.startswith(f"{SYSTEM_TURN}<|im_start|>user\n{e.prompt}\n\n")
-        assert teacher_text.endswith(f"{TEACHER_INSTRUCTION}{ASSISTANT}")
+        assert teacher_text == render_prompts(tok, [messages[i].text])[0]
+        assert teacher_text.startswith(f"{SYSTEM_TURN}<|im_start|>user\n{e.prompt}\n")
+        assert teacher_text.endswith(f"{messages[i].tail}{ASSISTANT}")
     t = score_completions(policy, ids, mask, r.completion_ids, r.completion_mask, 1.0, 7, 3)
     u = sd.token_credit(t["logprobs"], old["logprobs"], r.completion_mask.float())
     pmi = []
@@ -99,7 +103,7 @@ def test_sd_identity_on_real_tokenizer_and_chat_template(model_dir):
         m = r.completion_mask[i].bool()
         y = r.completion_ids[i][m].tolist()
         student = seq_logprob(policy, tok, prompts[i // 2], y)
-        teacher = seq_logprob(policy, tok, render_prompts(tok, [teacher_prompt(rows[i].prompt, blocks[i])])[0], y)
+        teacher = seq_logprob(policy, tok, render_prompts(tok, [messages[i].text])[0], y)
         # Per token too: padding, position ids and chunking change nothing beyond fp32 rounding.
         torch.testing.assert_close(old["logprobs"][i][m], student, rtol=0, atol=1e-3)
         torch.testing.assert_close(t["logprobs"][i][m], teacher, rtol=0, atol=1e-3)
@@ -161,14 +165,15 @@ def test_script_runs_on_real_model(script, model_dir, tmp_path, monkeypatch):
 
         # Prompts: every student row is a fixture problem in SmolLM2's chat template; SD teachers too.
         assert fed, "the policy was never scored"
-        teacher_rows = [text for text in fed if f"{TEACHER_INSTRUCTION}{ASSISTANT}" in text]
+        tail = TEACHER_TAIL.get(script)
+        teacher_rows = [text for text in fed if tail and f"{tail}{ASSISTANT}" in text]
         student_rows = [text for text in fed if text not in teacher_rows]
         assert student_rows and all(any(text.startswith(p) for p in student_prompts) for text in student_rows)
-        if script in SD_FAMILY:
-            assert teacher_rows, f"{script}: no teacher prompt in the chat template reached the network"
+        if script in SD_FAMILY and any(r.get("sd/frac_rows_distilled", 1) > 0 for r in rows):  # SDPO: rows without a peer
+            assert teacher_rows, f"{script}: no teacher prompt in the chat template reached the network"  # keep the plain prompt
             for text in teacher_rows:
                 assert text.startswith(f"{SYSTEM_TURN}<|im_start|>user\n")
-                assert any(text.startswith(f"{SYSTEM_TURN}<|im_start|>user\n{e.prompt}\n\n") for e in examples)
+                assert any(text.startswith(f"{SYSTEM_TURN}<|im_start|>user\n{e.prompt}\n") for e in examples)
         else:
             assert not teacher_rows
 

@@ -9,9 +9,10 @@ apart by up to 1e-5 relative (the largest, CREDIT's step-1 gradient norm), with 
 reward and length the same. A change to a formula moves some metric far more than that. Where a
 script's defaults have since moved to its paper's recipe, the configuration names the flags that give
 the recorded recipe. The fixture `fixtures/reference_metrics.json` was written by
-`python tests/test_reference.py --record` on the CPU build of torch that CI installs (2.13); a change
-that moves any float of a recipe fails here. Re-record only for a change that is meant to alter the
-numbers, and say so in its commit.
+`python tests/test_reference.py --record [NAME ...]` (all configurations, or the named ones) on the CPU
+build of torch that CI installs (2.13); a change that moves any float of a recipe fails here. Re-record
+only for a change that is meant to alter the numbers, only the configurations it alters, and say so in
+its commit.
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ CONFIGS = {
     "sd-token": ("sd", []),
     "sd-logit": ("sd", ["--sd-loss", "logit"]),
     "sd-ema": ("sd", ["--teacher", "ema"]),
-    "credit": ("credit", ["--sd-loss", "token", "--grpo-coef", "1", "--contrast-weight", "0.5", "--teacher", "current"]),
+    "sd-sdpo": ("sd", ["--preset", "sdpo"]),
+    "sd-opsd": ("sd", ["--preset", "opsd"]),
+    "credit": ("credit", []),
     "antisd": ("antisd", ["--gate-warmup-steps", "1", "--peer", "first", "--eps-high", "0.28"]),
     "hsd": ("hsd", ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0", "--diagnostics-every", "1"]),
 }
@@ -74,9 +77,11 @@ def test_matches_reference(name, tmp_path):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--record"]:
-        sys.exit("usage: python tests/test_reference.py --record")
+    if sys.argv[1:2] != ["--record"] or not set(sys.argv[2:]) <= set(CONFIGS):
+        sys.exit(f"usage: python tests/test_reference.py --record [NAME ...]  (names: {' '.join(CONFIGS)})")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    recorded = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        FIXTURE.write_text(json.dumps({n: run_config(n, Path(tmp) / n) for n in CONFIGS}, indent=1) + "\n")
-    print(f"wrote {FIXTURE}")
+        recorded |= {n: run_config(n, Path(tmp) / n) for n in sys.argv[2:] or CONFIGS}
+    FIXTURE.write_text(json.dumps({n: recorded[n] for n in CONFIGS}, indent=1) + "\n")
+    print(f"wrote {FIXTURE}: {', '.join(sys.argv[2:] or CONFIGS)}")

@@ -1,5 +1,9 @@
-"""sd.py: the pMI identity, teacher alignment, lam=0 == grpo, the generalized JSD, EMA, fallbacks."""
+"""sd.py: the published teacher contexts, SDPO's masking, the pMI identity, lam=0 == grpo, the generalized JSD, EMA."""
+import functools
 import json
+import math
+import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,12 +12,15 @@ import tyro
 
 import grpo
 import sd
+from common import batch as batch_module
+from common import teacher as teacher_module
 from common import tracking
 from common.example import Example
-from common.logprobs import score_completions
+from common.logprobs import score_completions, token_stats
 from common.prompts import render_prompts, tokenize_left
 from common.rollout import generate
-from common.teacher import teacher_inputs, teacher_prompt
+from common.teacher import TeacherMessage, teacher_inputs
+from common.update import MicroBatch
 from common.verifiers import Verdict
 
 PROBLEMS = ["Compute 12+34.", "Compute 5+67+8.", "Compute 1+2."]
@@ -34,14 +41,15 @@ def test_summed_credit_equals_pmi(policy, tokenizer):
     r = generate(policy, tokenizer, prompts, 2, 12, temperature=1.0)
     old = score_completions(policy, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.0, 7, 4)
     problems = [p for p in PROBLEMS for _ in range(2)]
-    blocks = [f"The correct final answer is: {i}" * (1 + i % 3) for i in range(6)]
-    ids, mask, _ = teacher_inputs(tokenizer, problems, blocks, 10_000, torch.device("cpu"))
+    messages = [TeacherMessage(f"{p}\n\n", f"The correct final answer is: {i}" * (1 + i % 3), "\n\nSolve it.")
+                for i, p in enumerate(problems)]
+    ids, mask, _ = teacher_inputs(tokenizer, messages, 10_000, torch.device("cpu"))
     t = score_completions(policy, ids, mask, r.completion_ids, r.completion_mask, 1.0, 5, 3)
     u = sd.token_credit(t["logprobs"], old["logprobs"], r.completion_mask.float())
     for i in range(6):
         y = r.completion_ids[i][r.completion_mask[i].bool()].tolist()
         student = seq_logprob(policy, tokenizer, prompts[i // 2], y)
-        teacher = seq_logprob(policy, tokenizer, render_prompts(tokenizer, [teacher_prompt(problems[i], blocks[i])])[0], y)
+        teacher = seq_logprob(policy, tokenizer, render_prompts(tokenizer, [messages[i].text])[0], y)
         assert u[i].sum().item() == pytest.approx(teacher - student, abs=1e-4)
 
 
@@ -111,30 +119,18 @@ def test_ema_update_math():
         torch.testing.assert_close(p, 0.95 * p0 + 0.05 * q)
 
 
-def test_privileged_block_fallback_says_once(capsys):
-    tracking.warned.clear()
-    ok, bad = Verdict(1.0, True, ""), Verdict(0.0, False, "")
-    no_solution = Example("Compute 1+2.", "3", solution=None)
-    assert sd.privileged_block(no_solution, ok, "solution", True) == \
-        "The correct final answer is: 3\n\nYour previous attempt was correct."
-    sd.privileged_block(no_solution, bad, "solution", True)
-    assert capsys.readouterr().out.count("answer-only") == 1
-    with_solution = Example("Compute 1+2.", "3", solution="1+2=3\nAnswer: 3")
-    assert sd.privileged_block(with_solution, bad, "solution", True) == "1+2=3\nAnswer: 3\n\nYour previous attempt was incorrect."
-    assert sd.privileged_block(with_solution, bad, "answer", False) == "The correct final answer is: 3"
-    code = Example("f", "", tests=["assert f()"], task="code")
-    assert "passed 1 of 2" in sd.privileged_block(code, Verdict(0.5, False, "passed 1 of 2 tests"), "answer", True)
-
-
 def test_long_teacher_prompt_is_shortened_in_the_middle(tokenizer):
     block = "HEAD " + "m" * 500 + " TAIL"
-    ids, mask, shortened = teacher_inputs(tokenizer, ["Compute 1+2.", "Compute 3+4."], [block, "short"], 120, torch.device("cpu"))
-    assert shortened.tolist() == [True, False] and mask.sum(-1).max().item() <= 120
+    messages = [sd.antisd_message(Example("Compute 1+2.", "3"), Verdict(0.0, False, ""), block),
+                sd.antisd_message(Example("Compute 3+4.", "7"), Verdict(0.0, False, ""), "short")]
+    ids, mask, shortened = teacher_inputs(tokenizer, messages, 160, torch.device("cpu"))
+    assert shortened.tolist() == [True, False] and mask.sum(-1).max().item() <= 160
     text = tokenizer.decode(ids[0][mask[0].bool()])
-    assert "Compute 1+2." in text and "HEAD" in text and "TAIL" in text and "[...]" in text
-    assert "Now solve the original problem step by step." in text
+    assert "Compute 1+2.\n\nYour previous attempt:\nHEAD" in text and "TAIL" in text and "[...]" in text
+    assert "TAIL\n\nPrevious assessment: Your answer is incorrect.\nNow solve this problem step by step." in text
+    assert tokenizer.decode(ids[1][mask[1].bool()]) == render_prompts(tokenizer, [messages[1].text])[0]
     # A limit below the problem + instruction alone leaves them intact rather than failing.
-    ids, mask, _ = teacher_inputs(tokenizer, ["Compute 1+2."], [block], 10, torch.device("cpu"))
+    ids, mask, _ = teacher_inputs(tokenizer, messages[:1], 10, torch.device("cpu"))
     assert "Compute 1+2." in tokenizer.decode(ids[0][mask[0].bool()])
 
 
@@ -175,33 +171,234 @@ def test_logit_mode_and_ema_resume(tiny_model_dir, tmp_path, monkeypatch):
     assert checkpoint.find(tmp_path / "l") is not None
 
 
-def test_teacher_instruction_is_the_prompts_last_line_or_absent(tokenizer):
-    assert teacher_prompt("Q", "B") == "Q\n\nB\n\nNow solve the original problem step by step."
-    assert teacher_prompt("Q", "B", "Answer it.") == "Q\n\nB\n\nAnswer it."
-    assert teacher_prompt("Q", "B", "") == "Q\n\nB"
-    ids, mask, _ = teacher_inputs(tokenizer, ["Compute 1+2."], ["B"], 10_000, torch.device("cpu"), instruction="")
-    assert tokenizer.decode(ids[0][mask[0].bool()]) == render_prompts(tokenizer, ["Compute 1+2.\n\nB"])[0]
+# ---------------------------------------------------------------------------------------------------
+# The published teacher contexts, character for character. The templates below are transcribed from the
+# sources, not from sd.py: lasgroup/SDPO@0e6d510 verl/trainer/config/actor/actor.yaml (its `|-` blocks as a
+# YAML loader reads them) and the message builder of verl/trainer/ppo/ray_trainer.py
+# (_build_teacher_message); siyan-zhao/OPSD@590ec26 data_collator.py with reason_first=False; the AntiSD
+# paper's Appendix C.
+
+SDPO_REPROMPT = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+SDPO_SOLUTION = "\nCorrect solution:\n\n{successful_previous_attempt}"
+SDPO_FEEDBACK = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
+OPSD_TRANSITION = ("\n\nAfter understanding the reference solution and the rationale behind each step, now articulate "
+                   "your own step-by-step reasoning that derives the same final answer to the problem below:\n")
+ANTISD = "{prompt}\n\nYour previous attempt:\n{solution}\n\nPrevious assessment: {feedback}\nNow solve this problem step by step."
 
 
-@pytest.mark.parametrize("script", ["sd", "credit", "antisd", "hsd"])
-def test_teacher_instruction_flag_reaches_every_teacher_pass(script, tiny_model_dir, tmp_path, monkeypatch):
-    """--teacher-instruction "" drops the last line from every teacher prompt a script scores (the contrast and
-    answer-only diagnostic passes included); the default keeps it."""
-    import importlib
+def sdpo_reference(prompt, solution, feedback):
+    """SDPO's _build_teacher_message with environment_feedback_only_without_solution=True."""
+    use_feedback = feedback is not None and solution is None
+    if not (use_feedback or solution is not None):
+        return prompt
+    return SDPO_REPROMPT.format(
+        prompt=prompt, solution=SDPO_SOLUTION.format(successful_previous_attempt=solution) if solution is not None else "",
+        feedback=SDPO_FEEDBACK.format(feedback_raw=feedback) if use_feedback else "")
 
-    from common import teacher
 
-    module, seen = importlib.import_module(script), []
-    original = teacher.teacher_inputs
+def opsd_reference(problem, solution):
+    """OPSD's teacher_user_message (data_collator.py, reason_first=False)."""
+    return (f"{problem}\n\n"
+            f"Here is a reference solution to this problem:\n{solution}\n"
+            f"{OPSD_TRANSITION}\n"
+            f"Please reason step by step, and put your final answer within \\boxed{{}}.")
 
-    def recording(tok, problems, blocks, max_tokens, device, enable_thinking=False, instruction="unset"):
-        seen.append(instruction)
-        return original(tok, problems, blocks, max_tokens, device, enable_thinking, instruction)
 
-    monkeypatch.setattr(teacher, "teacher_inputs", recording)
-    extra = ["--diagnostics-every", "1"] if script == "hsd" else []
-    run_script(module, tiny_model_dir, tmp_path / "none", "--teacher-instruction", "", *extra)
-    assert seen and set(seen) == {""}
-    seen.clear()
-    run_script(module, tiny_model_dir, tmp_path / "default", *extra)
-    assert seen and set(seen) == {teacher.TEACHER_INSTRUCTION}
+def hand_batch():
+    """Four groups of 3: one success (row 0, whose text holds a think block); two successes (rows 3, 4); a code
+    group whose only success passes half its tests (row 6: reward 0.5, SDPO's threshold); a code group with no
+    success, whose verifier reports failing tests."""
+    math = [Example(f"Compute {g}+1.", str(g + 1), solution=f"{g}+1={g + 1}\nAnswer: {g + 1}") for g in range(2)]
+    code = [Example(f"Write f{g}.", "f returns 1", tests=["assert f() == 1", "assert f() + 1 == 2"], task="code")
+            for g in range(2)]
+    examples = [math[0]] * 3 + [math[1]] * 3 + [code[0]] * 3 + [code[1]] * 3
+    ok, bad = Verdict(1.0, True, "ok"), Verdict(0.0, False, "final answer 7 does not match")
+    half, none = Verdict(0.5, False, "passed 1 of 2 tests; first failure: E1"), Verdict(0.0, False, "passed 0 of 2 tests")
+    verdicts = [ok, bad, bad, ok, ok, bad, half, none, none, none, Verdict(0.0, False, "no code block found"), none]
+    texts = ["<think>hmm</think>\n0+1=1\nAnswer: 1", "Answer: 7", "Answer: 2", "A3", "A4", "A5"] + \
+        [f"c{i}" for i in range(6, 12)]
+    rewards = torch.tensor([v.reward for v in verdicts])
+    return SimpleNamespace(examples=examples, verdicts=verdicts, rewards=rewards, rollout=SimpleNamespace(texts=texts))
+
+
+def test_sdpo_context_equals_the_official_template_character_for_character():
+    batch = hand_batch()
+    messages, distilled = sd.teacher_messages(batch, sd.Args(context="sdpo", group_size=3), torch.Generator())
+    p0, p1, c0, c1 = (batch.examples[i].prompt for i in (0, 3, 6, 9))
+    expected = [
+        p0,  # its group's only success is itself: SDPO never shows a row its own attempt
+        sdpo_reference(p0, "0+1=1\nAnswer: 1", None),  # the peer, its think block removed
+        sdpo_reference(p0, "0+1=1\nAnswer: 1", None),
+        sdpo_reference(p1, "A4", None),  # two successes: each sees the other
+        sdpo_reference(p1, "A3", None),
+        sdpo_reference(p1, "A3", None),  # the first success of the group
+        sdpo_reference(c0, None, "passed 1 of 2 tests; first failure: E1"),  # no other success: its feedback
+        sdpo_reference(c0, "c6", None),  # reward 0.5 is a success: a peer, and then no feedback
+        sdpo_reference(c0, "c6", None),
+        sdpo_reference(c1, None, "passed 0 of 2 tests"),  # no success in the group: the environment's feedback
+        sdpo_reference(c1, None, "no code block found"),
+        sdpo_reference(c1, None, "passed 0 of 2 tests"),
+    ]
+    assert [m.text for m in messages] == expected
+    assert expected[1] == f"{p0}\nCorrect solution:\n\n0+1=1\nAnswer: 1\n\nCorrectly solve the original question."
+    assert distilled.tolist() == [False] + [True] * 11
+    messages, distilled = sd.teacher_messages(batch, sd.Args(context="sdpo", group_size=3, env_feedback=False),
+                                              torch.Generator())
+    assert [m.text for m in messages[6:]] == [c0] + expected[7:9] + [c1] * 3
+    assert distilled.tolist() == [False] + [True] * 5 + [False, True, True] + [False] * 3
+    # A math row has no environment feedback here: without a peer, the plain prompt, not distilled.
+    assert sd.environment_feedback(batch.examples[1], batch.verdicts[1]) is None
+
+
+def test_opsd_and_antisd_contexts_equal_their_sources_character_for_character(capsys):
+    batch = hand_batch()
+    tracking.warned.discard("no-solution")
+    messages, distilled = sd.teacher_messages(batch, sd.Args(context="opsd", group_size=3), torch.Generator())
+    assert [m.text for m in messages] == [opsd_reference(e.prompt, e.solution or e.answer) for e in batch.examples]
+    assert distilled.all()
+    assert capsys.readouterr().out.count("without a reference solution") == 1  # the code rows: said once
+    messages, distilled = sd.teacher_messages(batch, sd.Args(context="antisd", group_size=3),
+                                              torch.Generator().manual_seed(0))
+    sentence = ["Your answer is correct.", "Your answer is incorrect.", "Your answer is incorrect.",
+                "Your answer is correct.", "Your answer is correct.", "Your answer is incorrect.",
+                "Your code passes 1 of 2 test cases."] + ["Your code passes 0 of 2 test cases."] * 5
+    texts, e = batch.rollout.texts, batch.examples
+    solution = [e[0].solution, texts[0], texts[0], texts[4], texts[3], None] + ["f returns 1"] * 6
+    for i, (m, feedback) in enumerate(zip(messages, sentence)):
+        if solution[i] is None:  # two correct peers: sampled from them
+            assert m.text in {ANTISD.format(prompt=e[i].prompt, solution=texts[j], feedback=feedback) for j in (3, 4)}
+        else:
+            assert m.text == ANTISD.format(prompt=e[i].prompt, solution=solution[i], feedback=feedback)
+    assert distilled.all()
+
+
+def test_presets_set_only_the_fields_left_at_their_defaults():
+    sdpo = sd.apply_preset(tyro.cli(sd.Args, args=["--preset", "sdpo", "--topk", "20"]))
+    assert (sdpo.context, sdpo.sd_loss, sdpo.grpo_coef, sdpo.teacher, sdpo.ema_rate, sdpo.jsd_alpha, sdpo.is_clip) == \
+        ("sdpo", "logit", 0.0, "ema", 0.05, 0.5, 2.0) and sdpo.topk == 20
+    opsd = sd.apply_preset(tyro.cli(sd.Args, args=["--preset", "opsd"]))
+    assert (opsd.context, opsd.sd_loss, opsd.grpo_coef, opsd.teacher, opsd.topk, opsd.jsd_alpha) == \
+        ("opsd", "logit", 0.0, "initial", 0, 0.5)
+    assert sd.apply_preset(sd.Args()) == sd.Args()
+
+
+def test_undistilled_rows_add_nothing_to_the_loss_or_its_gradient_and_the_mean_counts_distilled_tokens():
+    g = torch.Generator().manual_seed(3)
+    B, T, V, k = 3, 4, 12, 5
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    s = F.log_softmax(logits, -1)
+    y = torch.randint(0, V, (B, T), generator=g)
+    idx = s.detach().topk(k, -1).indices
+
+    def buckets(logp):  # k top-k log-probs, then log of the remaining mass
+        top = logp.gather(-1, idx)
+        return torch.cat([top, torch.log(1 - top.exp().sum(-1, keepdim=True))], -1)
+
+    teacher = buckets(F.log_softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64), -1))
+    logprobs = s.gather(-1, y[..., None]).squeeze(-1)
+    old = logprobs.detach() + torch.tensor([[0.0, 0.5, -1.0, 2.0]] * B, dtype=torch.float64)  # weights 1, e^-.5, e, 2
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float64)
+    distill_mask = mask * torch.tensor([1.0, 0.0, 1.0])[:, None]  # row 1 has neither a peer nor feedback
+    args = sd.Args(lam_sd=0.7, jsd_alpha=0.5, is_clip=2.0)
+
+    def loss_of(teacher_buckets):
+        mb = MicroBatch(torch.arange(B), {"logprobs": logprobs, "gathered": buckets(s)}, mask.float(), B,
+                        {"completion": mask.sum(), "distill": distill_mask.sum()})
+        divergence = sd.generalized_jsd(mb.out["gathered"], teacher_buckets[mb.rows], args.jsd_alpha)
+        return sd.distillation_loss(mb, args, old, divergence, distill_mask)[0]
+
+    loss = loss_of(teacher)
+    naive, count = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            if distill_mask[b, t]:
+                w = min(math.exp(logprobs[b, t].item() - old[b, t].item()), 2.0)
+                naive += w * naive_jsd(buckets(s)[b, t].detach().exp(), teacher[b, t].exp(), 0.5).item()
+                count += 1
+    assert count == 5 and loss.item() == pytest.approx(0.7 * naive / count, rel=1e-10)
+    loss.backward()
+    assert logits.grad[1].abs().max().item() == 0.0 and logits.grad[0].abs().sum() > 0
+    assert logits.grad[0, 3].abs().max().item() == 0.0  # a padding token of a distilled row
+    garbage = teacher.clone()
+    garbage[1] = torch.log_softmax(torch.randn(T, k + 1, generator=g, dtype=torch.float64), -1)
+    assert loss_of(garbage).item() == loss.item()  # row 1's teacher is never read
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_full_vocabulary_jsd_matches_a_naive_loop_and_its_gradient(temperature):
+    """OPSD's loss through the paired chunked path: generalized JSD (beta 0.5) over the whole vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 2, 5, 8, 23
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    student_h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    teacher_h = torch.randn(B, T, H, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    out = token_stats(student_h, head, y, temperature, 3, paired_hidden=teacher_h, paired_head=head,
+                      paired_fn=functools.partial(sd.full_vocab_jsd, alpha=0.5))
+    naive = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            p_s = torch.softmax(head(student_h[b, t]).double() / temperature, -1)
+            p_t = torch.softmax(head(teacher_h[b, t]).double() / temperature, -1)
+            naive[b, t] = naive_jsd(p_s, p_t, 0.5)
+    torch.testing.assert_close(out["paired"].double(), naive, atol=1e-5, rtol=1e-5)
+    out["paired"].sum().backward()
+    grad, student_h.grad = student_h.grad, None
+    naive.sum().backward()
+    torch.testing.assert_close(grad, student_h.grad, atol=1e-5, rtol=1e-4)
+
+
+def coin_verify(example, completion):
+    ok = zlib.crc32(completion.encode()) % 2 == 0
+    return Verdict(float(ok), ok, "")
+
+
+def test_sdpo_preset_distils_only_rows_with_a_peer_and_logs_it(tiny_model_dir, tmp_path, monkeypatch):
+    seen = []
+    update = sd.optimize
+    monkeypatch.setattr(batch_module, "verify", coin_verify)
+    monkeypatch.setattr(sd, "optimize", lambda run, batch, loss_fn, step, **kw:
+                        seen.append((batch, kw["token_masks"]["distill"])) or update(run, batch, loss_fn, step, **kw))
+    rows = run_script(sd, tiny_model_dir, tmp_path / "p", "--preset", "sdpo", "--topk", "8")
+    for (batch, distill), row in zip(seen, rows):
+        ok = torch.tensor([v.correct for v in batch.verdicts]).view(-1, 4)
+        has_peer = (ok.sum(1, keepdim=True) - ok.long() > 0).reshape(-1)  # another success in the group
+        mask = batch.rollout.completion_mask.float()
+        assert torch.equal(distill, mask * has_peer[:, None]) and 0 < has_peer.sum() < len(has_peer)
+        assert row["sd/frac_rows_distilled"] == pytest.approx(has_peer.float().mean().item())
+        assert row["sd/frac_groups_with_success"] == pytest.approx(ok.any(1).float().mean().item())
+        assert row["loss/distill"] > 0 and row["adv/abs_mean"] == 0  # no GRPO term
+
+
+def test_a_step_that_distils_nothing_warns_once_and_changes_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(batch_module, "verify", lambda example, completion: Verdict(0.0, False, ""))
+    teacher_module._silent_warning["step"] = None
+    rows = run_script(sd, tiny_model_dir, tmp_path / "n", "--preset", "sdpo", "--topk", "8", "--teacher", "current")
+    assert all(r["sd/frac_rows_distilled"] == 0 and r["loss/distill"] == 0 for r in rows)
+    assert all(r["sd/frac_groups_with_success"] == 0 and r["train/grad_norm"] == 0 for r in rows)
+    assert capsys.readouterr().out.count("distils no row") == 1  # 3 silent steps, one warning
+
+
+def test_opsd_preset_runs_the_full_vocabulary_loss_against_the_initial_model(tiny_model_dir, tmp_path):
+    rows = run_script(sd, tiny_model_dir, tmp_path / "o", "--preset", "opsd")
+    assert all(r["loss/distill"] > 0 and r["sd/frac_rows_distilled"] == 1 for r in rows)
+    with pytest.raises(ValueError, match="one update per batch"):
+        run_script(sd, tiny_model_dir, tmp_path / "x", "--sd-loss", "logit", "--topk", "0", "--ppo-epochs", "2")
+
+
+def test_distillation_coverage_counts_and_rate_limits_its_warning(capsys):
+    teacher_module._silent_warning["step"] = None
+    successful = torch.tensor([True, False, False, False, False, False])  # groups of 3: one with a success
+    got = teacher_module.distillation_coverage(torch.tensor([False, True, True, False, False, False]), successful, 3, 0)
+    assert got == {"sd/frac_rows_distilled": pytest.approx(2 / 6), "sd/frac_groups_with_success": 0.5}
+    none = torch.zeros(6, dtype=torch.bool)
+    warned = []
+    for step in range(1, 40):
+        teacher_module.distillation_coverage(none if step != 25 else ~none, none, 3, step)
+        warned += [step] * capsys.readouterr().out.count("distils no row")
+    assert warned == [1, 11, 21, 26, 36]  # the first silent step, then every 10th; a distilling step resets it
+    teacher_module._silent_warning["step"] = None
+    teacher_module.distillation_coverage(none, none, 3, 40, is_main=False)  # other ranks never print
+    assert capsys.readouterr().out == ""

@@ -1,6 +1,7 @@
 """The embedded toy default: tokenizer, task splits and the shipped base checkpoint."""
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
@@ -9,7 +10,6 @@ import torch
 import transformers
 
 from common import toy
-from common.teacher import teacher_prompt
 
 TEXT = "Compute 23+58+7.\n  tabs\tand ünïcödé 日本語 🎉 <b>&amp;</b>"
 
@@ -94,9 +94,11 @@ def test_shipped_checkpoint_acceptance(shipped):
     assert max(len(tok(toy.student_text(tok, p))["input_ids"]) for p in prompts) < 64
     assert max(len(tok(e.solution)["input_ids"]) + 1 for e in test) < 48
     base = toy.accuracy(model, tok, prompts, answers)
-    with_solution = toy.accuracy(model, tok, [teacher_prompt(e.prompt, e.solution) for e in test], answers)
-    assert 0.10 <= base <= 0.60  # partial: RL has signal and room (measured 0.325)
-    assert with_solution >= 2 * base  # the self-teacher is genuinely better (measured 0.92)
+    assert 0.10 <= base <= 0.60  # partial: RL has signal and room (measured 0.315)
+    rng = random.Random(0)
+    for context in toy.TEACHER_CONTEXTS[:3]:  # the self-teacher is genuinely better (measured 0.95-0.97)
+        with_solution = toy.accuracy(model, tok, [toy.teacher_message(e, context, rng) for e in test], answers)
+        assert with_solution >= 2 * base, context
 
 
 def test_load_toy_missing(monkeypatch, tmp_path: Path):
@@ -105,3 +107,31 @@ def test_load_toy_missing(monkeypatch, tmp_path: Path):
     monkeypatch.setattr(toy, "TOY_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="python -m common.toy"):
         toy.load_toy()
+
+
+def test_pretraining_teacher_messages_are_the_scripts_own():
+    """The toy base reads every teacher context the SD scripts build: its pre-training writes the same text."""
+    import hsd
+    import sd
+    from common.verifiers import Verdict
+
+    class First:  # picks kind k, the first of every choice, no feedback line
+        def __init__(self, k):
+            self.k = k
+
+        def randrange(self, n):
+            return self.k
+
+        def choice(self, options):
+            return options[0]
+
+        def random(self):
+            return 1.0
+
+    ex = toy.examples("train")[0]
+    texts = [toy.random_teacher_message(First(k), ex) for k in range(4)]
+    assert toy.TEACHER_CONTEXTS == ("sdpo", "opsd", "antisd", "hsd")
+    assert texts[0] == sd.sdpo_message(ex.prompt, ex.solution, None).text
+    assert texts[1] == sd.opsd_message(ex).text
+    assert texts[2] == sd.antisd_message(ex, Verdict(1.0, True, ""), ex.solution).text
+    assert texts[3] == hsd.hsd_message(ex, ex.solution, hsd.Args().teacher_instruction).text
