@@ -30,8 +30,9 @@ Choices the sources leave open, made here:
   batch (the head must not move under it): other settings are refused with a message.
 - Eq. 10's normalisation: each row's token mean, then the mean over rows (rows left out by
   `--on-success skip` count as zero); the beta term is the k3 estimator on sampled tokens (grpo.py's).
-- Block wording and order: the peer's full decoded completion (special tokens skipped, nothing
-  stripped), then the answer, as the toy base was pre-trained to read; a teacher prompt over
+- The teacher prompt's wording: no primary text gives it, so it is the project's,
+  `{problem}\n\n{block}\n\n{--teacher-instruction}` with the block above (the peer's full decoded
+  completion, special tokens skipped, nothing stripped, then the answer); a teacher prompt over
   `--max-teacher-prompt-tokens` is shortened in its middle.
 - `--on-success peer` (default): a successful row distils toward another success when one exists,
   else toward the answer alone; `answer`: always the answer alone; `skip`: no distillation.

@@ -121,6 +121,7 @@ class Args(TrainArgs):
         check(self.is_clip, "is_clip", low=0, low_open=True)
 
 
+# Same as grpo.py: apply_preset
 def apply_preset(args: Args) -> Args:
     """Copy the named preset's values onto `args`, except onto fields the command line moved off their defaults."""
     defaults = Args()

@@ -94,9 +94,9 @@ def test_shipped_checkpoint_acceptance(shipped):
     assert max(len(tok(toy.student_text(tok, p))["input_ids"]) for p in prompts) < 64
     assert max(len(tok(e.solution)["input_ids"]) + 1 for e in test) < 48
     base = toy.accuracy(model, tok, prompts, answers)
-    assert 0.10 <= base <= 0.60  # partial: RL has signal and room (measured 0.315)
+    assert 0.10 <= base <= 0.60  # partial: RL has signal and room (measured 0.245)
     rng = random.Random(0)
-    for context in toy.TEACHER_CONTEXTS[:3]:  # the self-teacher is genuinely better (measured 0.95-0.97)
+    for context in toy.TEACHER_CONTEXTS[:3]:  # the self-teacher is genuinely better (measured 0.885-0.98)
         with_solution = toy.accuracy(model, tok, [toy.teacher_message(e, context, rng) for e in test], answers)
         assert with_solution >= 2 * base, context
 
@@ -115,13 +115,7 @@ def test_pretraining_teacher_messages_are_the_scripts_own():
     import sd
     from common.verifiers import Verdict
 
-    class First:  # picks kind k, the first of every choice, no feedback line
-        def __init__(self, k):
-            self.k = k
-
-        def randrange(self, n):
-            return self.k
-
+    class First:  # the first of every choice: no feedback line, the solution block
         def choice(self, options):
             return options[0]
 
@@ -129,7 +123,7 @@ def test_pretraining_teacher_messages_are_the_scripts_own():
             return 1.0
 
     ex = toy.examples("train")[0]
-    texts = [toy.random_teacher_message(First(k), ex) for k in range(4)]
+    texts = [toy.teacher_message(ex, context, First()) for context in toy.TEACHER_CONTEXTS]
     assert toy.TEACHER_CONTEXTS == ("sdpo", "opsd", "antisd", "hsd")
     assert texts[0] == sd.sdpo_message(ex.prompt, ex.solution, None).text
     assert texts[1] == sd.opsd_message(ex).text
