@@ -1,9 +1,11 @@
 """Code sandbox: hostile programs score 0 with a clear feedback line and change nothing outside their temp dir;
 reward hacks (objects equal to everything, patched builtins, edited or read tests, forged reports) earn nothing."""
+import ast
 import hashlib
 import os
 import re
 import socket
+import sys
 import tempfile
 import textwrap
 import time
@@ -12,7 +14,8 @@ from string import Template
 
 import pytest
 
-from common.verifiers import code_verify
+from common import sandbox
+from common.sandbox import code_verify, extract_code
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 2.0
@@ -453,6 +456,33 @@ def test_missing_code_block_and_syntax_error():
     assert v.reward == 0.0 and "the program raised SyntaxError" in v.feedback
 
 
+@pytest.mark.parametrize("completion,expected", [
+    ("```python\nx = 1\n```\ntext\n```python\nx = 2\n```", "x = 2\n"),  # the last python block
+    ("```python\nx = 1\n```\nOutput:\n```\n5\n```", "x = 1\n"),  # a python block beats a later plain one
+    ("```\nx = 3\n```", "x = 3\n"),
+    ("```py\nx = 4\n```", "x = 4\n"),
+    ("```bash\nls\n```", None),
+    ("```python\nx = 5\n", None),  # unclosed
+    ("no code here", None),
+])
+def test_extract_code(completion, expected):
+    assert extract_code(completion) == expected
+
+
+def test_harness_is_a_stdlib_only_python_file():
+    """The child's source is a real .py file, not a string in a module: valid Python importing only the standard
+    library (it runs under `-I -S`), and the text the parent runs is exactly that file's."""
+    tree = ast.parse(sandbox.HARNESS.read_text(encoding="utf-8"))
+    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported and imported <= sys.stdlib_module_names, imported - sys.stdlib_module_names
+    assert any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body)
+    assert sandbox._HARNESS_SOURCE == sandbox.HARNESS.read_text(encoding="utf-8")
+    assert len(sandbox._HARNESS_SOURCE.encode()) < 32 * 4096  # Linux's MAX_ARG_STRLEN: it is one argv string (-c)
+    verifiers_text = (ROOT / "common" / "verifiers.py").read_text()
+    assert "_HARNESS" not in verifiers_text and "def lock_down" not in verifiers_text
+
+
 # Reward hacks: programs that try to pass tests without solving the task. name -> (program, tests, most
 # reward allowed). The tests run in a separate trusted process and only see values the program computed.
 SQUARE_TESTS = ["assert f(2) == 4", "assert f(3) == 9", "assert f(-4) == 16"]
@@ -647,11 +677,12 @@ GENUINE = {
         def window(): return deque([1, 2])
         def fact(n): return math.factorial(n)
         def nan(): return float("nan")
-        """, ["assert values() == {'a': {1, 2}, 'b': b'xy', 'c': (1.5, 0.0, 2j), 'd': frozenset([3]), 'e': None, "
-              "'f': True, 'g': __import__('fractions').Fraction(1, 3), 'h': __import__('decimal').Decimal('0.1'), "
-              "'i': range(3), 'j': [bytearray(b'z')]}",
-              "assert count('aab') == {'a': 2, 'b': 1}", "from collections import OrderedDict, deque\n"
-              "assert ordered() == OrderedDict([(1, 2)]) and window() == deque([1, 2])",
+        """, [("assert values() == {'a': {1, 2}, 'b': b'xy', 'c': (1.5, 0.0, 2j), 'd': frozenset([3]), 'e': None, "
+               "'f': True, 'g': __import__('fractions').Fraction(1, 3), 'h': __import__('decimal').Decimal('0.1'), "
+               "'i': range(3), 'j': [bytearray(b'z')]}"),
+              "assert count('aab') == {'a': 2, 'b': 1}",
+              ("from collections import OrderedDict, deque\n"
+               "assert ordered() == OrderedDict([(1, 2)]) and window() == deque([1, 2])"),
               "import math\nassert fact(3000) == math.factorial(3000)", "import math\nassert math.isnan(nan())"]),
     "functions_exceptions_and_modules": ("""
         import math
