@@ -1,61 +1,26 @@
 """Anti-Self-Distillation (AntiSD): ascend the divergence from the policy's own answer-conditioned teacher.
 
 Paper: Shen et al. 2026, "Anti-Self-Distillation for Reasoning RL via Pointwise Mutual Information"
-(arXiv 2605.11609). Source status: PRIMARY (the paper's equations and hyperparameters). See
-docs/antisd.md. AntiSD's own form is the SD frame (AntiSD §2, Eq. 2), so its default recipe is the
-frame: the GRPO advantage plus a token credit, PPO clip, no KL, one update per batch.
+(arXiv 2605.11609). Source: the paper's equations, hyperparameters and Appendix C. See docs/antisd.md.
 
-Idea: the SD token credit u_t is a pMI increment: it is high where knowing the answer makes a token
-likely (shortcuts to a known result) and negative where the answer does not explain the token (the
-student's own deliberation). Instead of descending a KL to the teacher, AntiSD ascends the symmetric
-Jensen-Shannon divergence: a bounded bonus for deliberation tokens (u < 0), a penalty for tokens the
-answer explains (u > 0), switched off by an entropy gate when the teacher's entropy collapses.
+Idea: the SD token credit u_t is a pMI increment: high where knowing the answer makes a token likely
+(a shortcut to a known result), negative where the answer does not explain it (the student's own
+deliberation). AntiSD ascends the Jensen-Shannon divergence instead of descending a KL: a bounded
+bonus for deliberation, a penalty for shortcuts, switched off when the teacher's entropy collapses.
 
     u_t      = log pi(y_t | x, c, y_<t) - log pi_old(y_t | x, y_<t)       (token log-ratio, shared weights)
-    phi(u)   = 0.5 * (softplus(u) - log 2)                                  (JSD score coefficient)
-    delta_t  = -phi(u_t) <= 0.5 log 2;   ~ -u/4 near 0, ~ -u/2 for large u
+    delta_t  = -phi(u_t),  phi(u) = 0.5 * (softplus(u) - log 2)            (JSD score, <= 0.5 log 2)
     A[b, t]  = A_i + g * lam_max * delta_t                                  (token advantage; PPO clip as grpo.py)
-    H        = median over the batch's completion tokens of the teacher's full-vocabulary entropy at tau
-    g        = 0 for the first W warm-up steps, which record H_warm; tau_down = 0.93 * H_warm; then a
-               Schmitt trigger from g = 1: 1 -> 0 when H < tau_down, 0 -> 1 when H >= H_warm.
-    c_i      = Appendix C's template: `{prompt}\n\nYour previous attempt:\n{verified solution}\n\nPrevious
-               assessment: {feedback}\nNow solve this problem step by step.`, the verified solution a
-               correct rollout of the same group other than row i (else the dataset's reference solution),
-               the feedback `Your answer is correct.` / `... incorrect.` (code: `Your code passes N of M
-               test cases.`) on the row's own attempt.
-
-Choices the paper leaves open or that differ from it, and their flags:
-- H_warm is the median of all pooled warm-up token entropies (`--h-warm-agg pooled`, default) or the
-  median of the warm-up step medians (`--h-warm-agg step-median`). Pooled entropies are counted in a
-  histogram of 1e-4-nat bins on [0, 20) nats so memory stays bounded on long runs; H_warm is then the
-  centre of the bin holding the median, within 5e-5 nats of the exact value. Medians are lower
-  medians (torch.median's convention).
-- After warm-up the trigger starts at g = 1 and already applies to the first gated step's H.
-- `--gate-warmup-steps` is the paper's W (`--warmup-steps` is the learning-rate warm-up of every script).
-- `--no-gate`: g = 1 from step 0, no warm-up (H is still logged).
-- Peer: sampled uniformly from the group's other correct rows ([paper]: "sampled from the rollout
-  group"; excluding the row itself is a choice), from a generator seeded by (seed, rank, step), never
-  the global RNG; `--peer first` takes the first one (the project's earlier choice). A dataset without
-  reference solutions shows the final answer in its place.
-- The template's line breaks are read from the paper's rendered figure (it prints no source text).
-- `--divergence revkl`: delta = -u (reverse-KL ascent) instead of JSD.
-- Teacher weights: the current policy (there is no `--teacher`); token mode only (no `--sd-loss`).
-  `--lam-max` plays the part of sd.py's `--lam`.
-
-Paper hyperparameters: Qwen3-4B/8B, DAPO-Math-17k, lr 1e-6, 32 prompts x 8 rollouts, 200 steps,
-temperature 1.0, PPO clip 0.2, no KL, one update per batch, lam_max 0.5, W 5, tau_down 0.93 H_warm.
-Headline: Qwen3-4B-Instruct-2507, 5-benchmark math average 62.8 vs GRPO 51.3; Qwen3-8B 65.7 vs 57.4.
-
-The GRPO frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, and `--beta`
-(the k3 KL to the frozen initial model, logged as `loss/kl`). grpo.py's `--preset` and overlong shaping are not offered here; `--dynamic-sampling` is.
+    H        = median teacher entropy over the batch's completion tokens; g = 0 for W warm-up steps that
+               record H_warm, then a Schmitt trigger: 1 -> 0 when H < 0.93 H_warm, 0 -> 1 when H >= H_warm
+    c_i      = Appendix C: the prompt, a correct peer of the group (else the reference solution), and
+               the assessment of the row's own attempt (`Your answer is correct.` / `... incorrect.`)
 
 Run:
-    python antisd.py                                  # the toy task, CPU, a few minutes
-    python antisd.py --no-gate --divergence revkl     # an ablation
+    python antisd.py                                  # the toy task, CPU, about a minute
     torchrun --nproc_per_node 8 antisd.py --model Qwen/Qwen3-4B-Instruct-2507 --dataset dapo-math \\
-        --num-prompts 32 --group-size 8 --total-steps 200 --learning-rate 1e-6 --temperature 1.0 --eps-high 0.2 \\
+        --eval-dataset aime --num-prompts 32 --group-size 8 --total-steps 200 --learning-rate 1e-6 \\
         --max-new-tokens 4096 --max-teacher-prompt-tokens 6144 --micro-batch-rows 4 --gradient-checkpointing
-(The length budgets and memory flags of the last command are ours, not the paper's.)
 """
 from __future__ import annotations
 
@@ -67,20 +32,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common.args import TrainArgs, check, cli
+from common.args import ArgError, TrainArgs, check, cli
 from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, gather_floats
-from common.example import Example
+from common.example import Example, Verdict
 from common.run import setup
 from common.teacher import TeacherMessage, score_teacher
 from common.tracking import warn_once
-from common.update import MicroBatch, optimize
-from common.verifiers import Verdict
+from common.update import MicroBatch, Update
 
 
 @dataclass
 class Args(TrainArgs):
-    """Anti-Self-Distillation: ascend a bounded divergence from the answer-conditioned self-teacher, behind an entropy gate."""
+    """Anti-Self-Distillation: ascend a bounded divergence from the answer-conditioned self-teacher, entropy-gated."""
 
     # The GRPO frame (grpo.py)
     adv_scale: Literal["group", "batch", "none"] = "group"
@@ -127,116 +91,6 @@ class Args(TrainArgs):
         if not self.no_gate:
             check(self.gate_warmup_steps, "gate_warmup_steps", low=1, why="H_warm is measured in warm-up; or --no-gate")
         check(self.gate_down, "gate_down", 0, 1, low_open=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The GRPO frame: advantage, surrogate, KL, aggregation (copied from grpo.py, kept identical by a test).
-
-
-# Same as grpo.py: group_advantages
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """A_i = r_i - mean_g(r), divided by std_g(r) + 1e-4 (`group`), the batch std (`batch`) or 1 (`none`)."""
-    grouped = rewards.view(-1, group_size)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)  # unbiased std, as TRL
-    elif scale == "batch":
-        centred = centred / (rewards.std() + 1e-4)
-    return centred.reshape(-1)
-
-
-# Same as grpo.py: clipped_surrogate
-def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and the ratio rho."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
-    return -torch.minimum(unclipped, clipped), ratio
-
-
-# Same as grpo.py: k3_kl
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - s) - (ref - s) - 1 >= 0."""
-    diff = ref_logprobs - logprobs
-    return torch.exp(diff) - diff - 1
-
-
-# Same as grpo.py: aggregate
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: float, num_tokens: float,
-              max_new_tokens: int) -> torch.Tensor:
-    """Reduce a [b, T] loss over a micro-batch with denominators taken over the whole minibatch.
-
-    sequence: sum_i (sum_t l / |y_i|) / rows;  token: sum l / tokens;  constant: sum l / (rows * L_max).
-    """
-    masked = per_token * mask
-    if mode == "sequence":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_rows
-    if mode == "token":
-        return masked.sum() / num_tokens
-    if mode == "constant":
-        return masked.sum() / (num_rows * max_new_tokens)
-    raise ValueError(f"unknown loss aggregation {mode!r}")
-
-
-# Same as grpo.py: policy_loss
-def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
-                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
-
-    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
-    detached log-probs are pi_old and rho == 1.
-    """
-    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
-    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
-    per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
-    tokens = mb.tokens["completion"]
-    loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
-    stats = {"loss/policy": (per_token * m).sum(),
-             "policy/clip_frac_low": ((ratio < 1 - args.eps_low) & (adv < 0)).float().mul(m).sum(),
-             "policy/clip_frac_high": ((ratio > 1 + args.eps_high) & (adv > 0)).float().mul(m).sum(),
-             "policy/ratio_mean": (ratio.detach() * m).sum()}
-    if ref_logprobs is not None:
-        kl = k3_kl(logprobs, ref_logprobs[mb.rows])
-        loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
-        stats["loss/kl"] = (kl * m).sum()
-    return loss, stats
-
-
-# ---------------------------------------------------------------------------------------------------
-# sd.py's reference solution, token credit and metrics (copied, kept identical by a test).
-
-
-# Same as sd.py: reference_solution
-def reference_solution(example: Example) -> str:
-    """The dataset's worked solution; its final answer when it has none (said once)."""
-    if example.solution:
-        return example.solution
-    warn_once("no-solution", "note: examples without a reference solution show the teacher their final answer")
-    return example.answer
-
-
-# Same as sd.py: token_credit
-def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """u = t - s_old on completion tokens, 0 on padding (all detached)."""
-    return (teacher_logprobs - old_logprobs).detach() * mask
-
-
-# Same as sd.py: sd_metrics
-def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
-    """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
-    n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
-    return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
-            "sd/credit_abs_mean": (all_reduce(credit.abs().sum()) / n_tokens).item(),
-            "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
-            "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
-            "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
-            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
-            "perf/teacher_s": t_teacher}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The algorithm: credit, gate, teacher context (pure functions and a small state machine).
 
 
 def phi(u: torch.Tensor) -> torch.Tensor:
@@ -311,29 +165,6 @@ class EntropyGate:
         self.counts, self.medians = state["counts"], list(state["medians"])
 
 
-# Same as sd.py: choose_peers
-def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
-                 lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
-
-    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
-    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
-    """
-    G = group_size
-    ok = correct.view(-1, G)
-    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
-    if mode == "random":
-        key = torch.rand(candidates.shape, generator=generator)
-    elif mode == "first":
-        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
-    elif mode == "shortest":
-        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
-    else:
-        raise ValueError(f"unknown peer choice {mode!r}")
-    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
-    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
-
-
 def correctness_sentence(example: Example, verdict: Verdict) -> str:
     """AntiSD's assessment of the row's own attempt: binary for math, the tests passed for code (Appendix C)."""
     if example.task == "code":
@@ -343,7 +174,7 @@ def correctness_sentence(example: Example, verdict: Verdict) -> str:
 
 
 def antisd_message(example: Example, verdict: Verdict, peer: str | None) -> TeacherMessage:
-    """AntiSD's teacher context (Appendix C): a verified solution (a correct peer, else the reference), the assessment."""
+    """AntiSD's teacher context (Appendix C): a verified solution (a correct peer, else the reference), assessed."""
     return TeacherMessage(f"{example.prompt}\n\nYour previous attempt:\n",
                           peer if peer is not None else reference_solution(example),
                           f"\n\nPrevious assessment: {correctness_sentence(example, verdict)}\n"
@@ -367,7 +198,7 @@ def main(args: Args) -> None:
     gate = EntropyGate(args.gate_warmup_steps, args.gate_down, args.h_warm_agg, enabled=not args.no_gate)
     if run.start_step > 0:
         if "gate" not in run.extra:
-            raise ValueError(f"the checkpoint in {run.out_dir} has no gate state: it was not written by antisd.py")
+            raise ArgError(f"--resume: the checkpoint in {run.out_dir} has no gate state (antisd.py did not write it)")
         gate.load_state_dict(run.extra["gate"])
     for step in range(run.start_step, args.total_steps):
         metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
@@ -405,8 +236,16 @@ def main(args: Args) -> None:
         delta = antisd_credit(credit, args.divergence) * mask
         token_advantages = advantages[:, None] + g * args.lam_max * delta
 
-        # 7. Clipped-surrogate update.
-        metrics |= optimize(run, batch, lambda mb: policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs), step)
+        # 7. Clipped-surrogate update on the token advantages.
+        update = Update(run, batch, step)
+        for minibatch in update.minibatches():
+            for rows in minibatch.split(args.micro_batch_rows):
+                mb = update.forward(rows)
+                loss, sums = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+                loss.backward()
+                update.log(sums)
+            update.step()
+        metrics |= update.metrics()
         t_update = time.perf_counter()
 
         metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
@@ -418,6 +257,131 @@ def main(args: Args) -> None:
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
         run.end_step(step, t0, metrics, batch, advantages, old["entropy"], {"gate": gate.state_dict()})
     run.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Copies of small functions another script defines (kept identical by tests/test_layout.py).
+
+
+# Same as grpo.py: group_advantages
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """A_i = r_i - mean_g(r), divided by std_g(r) + 1e-4 (`group`), the batch std (`batch`) or 1 (`none`)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)  # unbiased std, as TRL
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)
+    return centred.reshape(-1)
+
+
+# Same as grpo.py: clipped_surrogate
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and the ratio rho."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), ratio
+
+
+# Same as grpo.py: k3_kl
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - s) - (ref - s) - 1 >= 0."""
+    diff = ref_logprobs - logprobs
+    return torch.exp(diff) - diff - 1
+
+
+# Same as grpo.py: aggregate
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: float, num_tokens: float,
+              max_new_tokens: int) -> torch.Tensor:
+    """Reduce a [b, T] loss over a micro-batch with denominators taken over the whole minibatch.
+
+    sequence: sum_i (sum_t l / |y_i|) / rows;  token: sum l / tokens;  constant: sum l / (rows * L_max).
+    """
+    masked = per_token * mask
+    if mode == "sequence":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_rows
+    if mode == "token":
+        return masked.sum() / num_tokens
+    if mode == "constant":
+        return masked.sum() / (num_rows * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# Same as grpo.py: policy_loss
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
+
+    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
+    detached log-probs are pi_old and rho == 1.
+    """
+    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
+    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
+    tokens = mb.tokens["completion"]
+    loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+    stats = {"loss/policy": (per_token * m).sum(),
+             "policy/clip_frac_low": ((ratio < 1 - args.eps_low) & (adv < 0)).float().mul(m).sum(),
+             "policy/clip_frac_high": ((ratio > 1 + args.eps_high) & (adv > 0)).float().mul(m).sum(),
+             "policy/ratio_mean": (ratio.detach() * m).sum()}
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, ref_logprobs[mb.rows])
+        loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+        stats["loss/kl"] = (kl * m).sum()
+    return loss, stats
+
+
+# Same as sd.py: reference_solution
+def reference_solution(example: Example) -> str:
+    """The dataset's worked solution; its final answer when it has none (said once)."""
+    if example.solution:
+        return example.solution
+    warn_once("no-solution", "note: examples without a reference solution show the teacher their final answer")
+    return example.answer
+
+
+# Same as sd.py: token_credit
+def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """u = t - s_old on completion tokens, 0 on padding (all detached)."""
+    return (teacher_logprobs - old_logprobs).detach() * mask
+
+
+# Same as sd.py: sd_metrics
+def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
+    """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
+    n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
+    return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
+            "sd/credit_abs_mean": (all_reduce(credit.abs().sum()) / n_tokens).item(),
+            "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
+            "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
+            "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
+            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
+            "perf/teacher_s": t_teacher}
+
+
+# Same as sd.py: choose_peers
+def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
+
+    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
+    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
+    """
+    G = group_size
+    ok = correct.view(-1, G)
+    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
+    if mode == "random":
+        key = torch.rand(candidates.shape, generator=generator)
+    elif mode == "first":
+        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
+    elif mode == "shortest":
+        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
+    else:
+        raise ValueError(f"unknown peer choice {mode!r}")
+    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
+    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,26 @@
 """CREDIT: contrastive credit for on-policy self-distillation, keeping only input-specific teacher signal.
 
 Paper: Shen et al. 2026, "From Generic Correlation to Input-Specific Credit in On-Policy Self
-Distillation" (arXiv 2605.11613). Source status: SECONDARY. The paper's text and code could not be
-read here; two independent secondary sources (an audit note quoting its Eq. 8, Algorithm 1 and
-Appendix A Table 3, and a summary of the PDF) agree on what follows. See docs/credit.md.
+Distillation" (arXiv 2605.11613). Sources: SECONDARY (the paper's text and code could not be read
+here; two independent summaries agree). See docs/credit.md.
 
-Idea: CREDIT is SDPO plus a correction. Part of what makes a self-teacher shown feedback z like a
-token is generic: it would like it after any problem, given the same z. CREDIT removes that part with
-a batch-contrastive baseline, the teacher re-scored with the problem swapped for an unrelated prompt
-x' of the same batch:
+Idea: CREDIT is SDPO plus a correction. Part of what makes a self-teacher shown feedback z like a token
+is generic: it would like it after any problem. CREDIT subtracts the teacher re-scored with the
+problem swapped for an unrelated prompt x' of the same batch:
 
     S_t(v) = pi_theta(v | x, y_<t)     T_t(v) = pi_T(v | x, z, y_<t)     (student; teacher with SDPO's z)
     G_t(v) = (1/C) sum_k log pi_T(v | x'_k, z, y_<t)                      (contrast: C unrelated problems)
     R_t(v) = log T_t(v) - log S_t(v) - lam * G_t(v)                        (vocabulary-level reward, Eq. 8)
     L      = lam_sd * mean_t w_t D_alpha(S_t || Q_t),  Q_t(v) ∝ T_t(v) exp(-lam G_t(v))   (SDPO's loss on Q)
 
-With alpha = 1, KL(S || Q) = -E_S[R] + log Z (Z does not depend on the student): minimising it ascends
-the expected reward R. z and the masking are SDPO's: a successful peer of the group, else the
-environment's feedback; rows with neither are not distilled, and the mean runs over distilled tokens.
-The defaults are the paper's [secondary: Table 3]: C = 1, lam = 0.1, EMA teacher at rate 0.01, reverse
-KL (alpha 1) on the top-20 plus a tail bucket (code; science: `--jsd-alpha 0.5 --topk 100`), no GRPO
-term. At `--contrast-weight 0` this is `sd.py --preset sdpo --ema-rate 0.01 --jsd-alpha 1 --topk 20`
-bit for bit (test).
+z and the masking are SDPO's (rows with neither a successful peer nor feedback are not distilled).
+Defaults [secondary, Table 3]: C = 1, lam = 0.1, EMA teacher 0.01, reverse KL on the student's top-20
++ a tail bucket, no GRPO term. `--contrast-weight 0` is `sd.py --preset sdpo --ema-rate 0.01
+--jsd-alpha 1 --topk 20` bit for bit.
 
 Run:
     python credit.py                               # the paper's recipe on the toy task
-    torchrun --nproc_per_node 8 credit.py --model Qwen/Qwen3-8B --dataset math --num-prompts 32 \
+    torchrun --nproc_per_node 8 credit.py --model Qwen/Qwen3-8B --dataset math --num-prompts 32 \\
         --max-new-tokens 4096 --max-teacher-prompt-tokens 6144 --learning-rate 1e-6 --total-steps 200
 """
 from __future__ import annotations
@@ -41,15 +36,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.args import TrainArgs, check, cli
+from common.args import ArgError, TrainArgs, check, cli
 from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce
-from common.example import Example
+from common.example import Example, Verdict
 from common.rollout import select_rows
 from common.run import Run, setup
 from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
-from common.update import MicroBatch, optimize
-from common.verifiers import Verdict
+from common.update import MicroBatch, Update
 
 
 @dataclass
@@ -110,8 +104,158 @@ class Args(TrainArgs):
         check(self.num_contrast, "num_contrast", low=1)
 
 
+SDPO_SUCCESS = 0.5
+"""SDPO's success_reward_threshold: a rollout with at least this reward is a demonstration for its group."""
+
+
+def require_partners(num_groups: int) -> None:
+    """A row's partner must come from another prompt group of the (per-rank) batch."""
+    if num_groups < 2:
+        raise ArgError(f"CREDIT contrasts each prompt with another prompt of the same batch, but a rank holds "
+                         f"{num_groups} prompt(s): raise --num-prompts to at least 2 x the number of ranks")
+
+
+def contrast_partners(num_groups: int, group_size: int, k: int, seed: int | tuple[int, ...]) -> torch.Tensor:
+    """Partner prompt group of each row for each k, [B, K]: a seeded derangement over the P groups.
+
+    Groups are put in a random cyclic order pi; the group at position j gets pi[j + o_k mod P] with
+    offsets o_k = 1, 2, ..., P-1, 1, 2, ...: never itself, and min(K, P-1) distinct partners. Seeded
+    by its own generator (never the global RNG), so lam and C leave the rest of the run unchanged.
+    """
+    require_partners(num_groups)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(num_groups))
+    position = order.argsort()  # where each group sits in the cycle
+    offsets = 1 + torch.arange(k) % (num_groups - 1)
+    return order[(position[:, None] + offsets) % num_groups].repeat_interleave(group_size, dim=0)
+
+
+def score_with_problems(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
+                        rows: list[int], problem_rows: list[int], gather_index: torch.Tensor) -> dict:
+    """Teacher scores of row rows[j]'s own completion and SDPO context after the problem of row problem_rows[j],
+    all in one scoring call, with its log-probs at `gather_index` (the student's top-k) + tail (`gathered`)."""
+    messages = [sdpo_message(batch.examples[q].prompt, *contexts[i]) for i, q in zip(rows, problem_rows)]
+    selected = dataclasses.replace(batch, rollout=select_rows(batch.rollout, rows))
+    return score_teacher(run, selected, messages, args.max_teacher_prompt_tokens, gather_index=gather_index[rows])
+
+
+def teacher_and_contrast(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
+                         partners: torch.Tensor, gather_index: torch.Tensor) -> tuple[dict, dict]:
+    """The teacher at each row's own problem and, for distilled rows, its C contrasts at the partners' problems, all
+    at the student's top-k in one scoring call (at lam = 0 the teacher's is a call of its own, padded as sd.py's).
+    The contrast scores are [C, B, ...], zero on rows that are not distilled."""
+    B, C, G = len(contexts), args.num_contrast, args.group_size
+    rows = [i for i, c in enumerate(contexts) if c != (None, None)]
+    own, contrast_rows = list(range(B)), rows * C
+    contrast_problems = [G * int(partners[i, k]) for k in range(C) for i in rows]
+    if args.contrast_weight > 0 and rows:
+        scores = score_with_problems(run, args, batch, contexts, own + contrast_rows, own + contrast_problems,
+                                     gather_index)
+        teacher, scored = {k: v[:B] for k, v in scores.items()}, {k: v[B:] for k, v in scores.items()}
+    else:
+        teacher = score_with_problems(run, args, batch, contexts, own, own, gather_index)
+        scored = score_with_problems(run, args, batch, contexts, contrast_rows, contrast_problems,
+                                     gather_index) if rows else None
+    contrast = {}
+    for key in ("logprobs", "gathered"):
+        contrast[key] = teacher[key].new_zeros(C, *teacher[key].shape)
+        if scored is not None:
+            contrast[key][:, rows] = scored[key].view(C, len(rows), *teacher[key].shape[1:])
+    return teacher, contrast
+
+
+def contrastive_target(teacher_gathered: torch.Tensor, contrast_gathered: torch.Tensor, weight: float) -> torch.Tensor:
+    """log Q = log T - lam * G over the student's top-k + tail buckets, renormalised (Q ∝ T exp(-lam G), Eq. 8).
+
+    teacher_gathered [B, T, k+1]; contrast_gathered [C, B, T, k+1], whose mean over C is G. At lam = 0
+    T's buckets are returned as they are: they already sum to one, so the loss is SDPO's bit for bit.
+    """
+    if weight == 0:
+        return teacher_gathered
+    logits = teacher_gathered - weight * contrast_gathered.mean(0)
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def credit_metrics(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                   weight: float, mask: torch.Tensor) -> dict[str, float]:
+    """On distilled tokens (`mask`), at the sampled token: the subtracted term lam * mean_k c_k, what is left of t,
+    its Pearson correlation with t, and how often u - lam * mean_k c_k has the other sign than u = t - s_old."""
+    t, c = teacher_logprobs.double(), contrast_logprobs.mean(0).double()
+    u = token_credit(teacher_logprobs, old_logprobs, mask)
+    flipped = torch.sign(u - weight * c.float() * mask) != torch.sign(u)
+    m = mask.double()
+    terms = (weight * c, t - weight * c, flipped.double(), t, c, t * t, c * c, t * c)
+    sums = all_reduce(torch.stack([m.sum()] + [(x * m).sum() for x in terms])).tolist()
+    n, sub, left, flips, st, sc, stt, scc, stc = sums
+    n = max(n, 1.0)
+    cov, var_t, var_c = stc / n - st * sc / n ** 2, stt / n - (st / n) ** 2, scc / n - (sc / n) ** 2
+    return {"credit/contrast_mean": sub / n, "credit/input_specific_mean": left / n, "credit/sign_flip_frac": flips / n,
+            "credit/corr_teacher_contrast": cov / max(math.sqrt(max(var_t * var_c, 0.0)), 1e-12)}
+
+
+def main(args: Args) -> None:
+    require_partners(args.num_prompts // int(os.environ.get("WORLD_SIZE", "1")))  # fail before any work
+    run = setup(args, "credit", teacher_weights=args.teacher, reference=args.beta > 0)
+    for step in range(run.start_step, args.total_steps):
+        metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
+        t0 = time.perf_counter()
+
+        # 1. Rollout and verify; GRPO group advantage A_i (0 at the paper's --grpo-coef 0).
+        batch = collect_batch(run)
+        t_gen = time.perf_counter()
+        advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
+        mask = batch.rollout.completion_mask.float()
+        G = args.group_size
+
+        # 2. Old-policy log-probs s_old and the student's top-k indices to distil over, reference log-probs.
+        old = score_rollout(run, batch, with_entropy=True, topk=args.topk)
+        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        t_score = time.perf_counter()
+
+        # 3. SDPO's context z_i (a successful peer, else feedback; rows with neither are not distilled) and
+        #    C partner prompts x'_k from other prompt groups of the batch.
+        contexts = sdpo_contexts(batch, G, args.env_feedback)
+        distilled = torch.tensor([c != (None, None) for c in contexts])
+        distill_mask = mask * distilled.to(mask.device)[:, None]
+        partners = contrast_partners(run.local_prompts, G, args.num_contrast, (args.seed, run.d.rank, step))
+
+        # 4. Teacher T_t = pi_T(. | x_i, z_i, y_<t) and, for distilled rows, the contrast pi_T(. | x'_k, z_i, y_<t),
+        #    both at the student's top-k + tail, in one scoring call.
+        teacher, contrast = teacher_and_contrast(run, args, batch, contexts, partners, old["topk_index"])
+        t_teach = time.perf_counter()
+
+        # 5. The target Q_t ∝ T_t exp(-lam G_t) over the student's top-k + tail (Eq. 8).
+        target = contrastive_target(teacher["gathered"], contrast["gathered"], args.contrast_weight)
+        token_advantages = advantages[:, None].expand_as(mask).contiguous()
+
+        # 6. Update: the distillation loss toward Q_t (+ the surrogate if --grpo-coef > 0); the EMA teacher follows.
+        update = Update(run, batch, step, token_masks={"distill": distill_mask})
+        for minibatch in update.minibatches():
+            for rows in minibatch.split(args.micro_batch_rows):
+                mb = update.forward(rows, gather_index=old["topk_index"])
+                policy, sums = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+                divergence = generalized_jsd(mb.out["gathered"], target[mb.rows], args.jsd_alpha)  # D_alpha(S_t || Q_t)
+                distill, sums["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence, distill_mask)
+                loss = policy + distill
+                loss.backward()
+                update.log(sums)
+            update.step()
+        metrics |= update.metrics({"loss/distill": "distill"})
+        if args.teacher == "ema":
+            ema_update(run.teacher, run.policy, args.ema_rate)
+        t_update = time.perf_counter()
+
+        credit = token_credit(teacher["logprobs"], old["logprobs"], distill_mask)
+        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
+        metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, G, step, run.d.is_main)
+        metrics |= credit_metrics(teacher["logprobs"], contrast["logprobs"], old["logprobs"], args.contrast_weight,
+                                  distill_mask)
+        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
+        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
+    run.close()
+
+
 # ---------------------------------------------------------------------------------------------------
-# The GRPO frame: advantage, surrogate, KL, aggregation (copied from grpo.py, kept identical by a test).
+# Copies of small functions another script defines (kept identical by tests/test_layout.py).
 
 
 # Same as grpo.py: group_advantages
@@ -182,14 +326,6 @@ def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logpro
         loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
         stats["loss/kl"] = (kl * m).sum()
     return loss, stats
-
-
-# ---------------------------------------------------------------------------------------------------
-# sd.py's SDPO context, credit and distillation loss (copied, kept identical by a test).
-
-
-SDPO_SUCCESS = 0.5
-"""SDPO's success_reward_threshold: a rollout with at least this reward is a demonstration for its group."""
 
 
 # Same as sd.py: choose_peers
@@ -300,151 +436,6 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teache
             "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
             "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
             "perf/teacher_s": t_teacher}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The algorithm: contrastive partners, target and metrics (pure functions), the contrastive teacher pass.
-
-
-def require_partners(num_groups: int) -> None:
-    """A row's partner must come from another prompt group of the (per-rank) batch."""
-    if num_groups < 2:
-        raise ValueError(f"CREDIT contrasts each prompt with another prompt of the same batch, but a rank holds "
-                         f"{num_groups} prompt(s): raise --num-prompts to at least 2 x the number of ranks")
-
-
-def contrast_partners(num_groups: int, group_size: int, k: int, seed: int | tuple[int, ...]) -> torch.Tensor:
-    """Partner prompt group of each row for each k, [B, K]: a seeded derangement over the P groups.
-
-    Groups are put in a random cyclic order pi; the group at position j gets pi[j + o_k mod P] with
-    offsets o_k = 1, 2, ..., P-1, 1, 2, ...: never itself, and min(K, P-1) distinct partners. Seeded
-    by its own generator (never the global RNG), so lam and C leave the rest of the run unchanged.
-    """
-    require_partners(num_groups)
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(num_groups))
-    position = order.argsort()  # where each group sits in the cycle
-    offsets = 1 + torch.arange(k) % (num_groups - 1)
-    return order[(position[:, None] + offsets) % num_groups].repeat_interleave(group_size, dim=0)
-
-
-def score_with_problems(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
-                        rows: list[int], problem_rows: list[int], gather_index: torch.Tensor) -> dict:
-    """Teacher scores of row rows[j]'s own completion and SDPO context after the problem of row problem_rows[j],
-    all in one scoring call, with its log-probs at `gather_index` (the student's top-k) + tail (`gathered`)."""
-    messages = [sdpo_message(batch.examples[q].prompt, *contexts[i]) for i, q in zip(rows, problem_rows)]
-    selected = dataclasses.replace(batch, rollout=select_rows(batch.rollout, rows))
-    return score_teacher(run, selected, messages, args.max_teacher_prompt_tokens, gather_index=gather_index[rows])
-
-
-def teacher_and_contrast(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
-                         partners: torch.Tensor, gather_index: torch.Tensor) -> tuple[dict, dict]:
-    """The teacher at each row's own problem and, for distilled rows, its C contrasts at the partners' problems, all
-    at the student's top-k in one scoring call (at lam = 0 the teacher's is a call of its own, padded as sd.py's).
-    The contrast scores are [C, B, ...], zero on rows that are not distilled."""
-    B, C, G = len(contexts), args.num_contrast, args.group_size
-    rows = [i for i, c in enumerate(contexts) if c != (None, None)]
-    own, contrast_rows = list(range(B)), rows * C
-    contrast_problems = [G * int(partners[i, k]) for k in range(C) for i in rows]
-    if args.contrast_weight > 0 and rows:
-        scores = score_with_problems(run, args, batch, contexts, own + contrast_rows, own + contrast_problems,
-                                     gather_index)
-        teacher, scored = {k: v[:B] for k, v in scores.items()}, {k: v[B:] for k, v in scores.items()}
-    else:
-        teacher = score_with_problems(run, args, batch, contexts, own, own, gather_index)
-        scored = score_with_problems(run, args, batch, contexts, contrast_rows, contrast_problems,
-                                     gather_index) if rows else None
-    contrast = {}
-    for key in ("logprobs", "gathered"):
-        contrast[key] = teacher[key].new_zeros(C, *teacher[key].shape)
-        if scored is not None:
-            contrast[key][:, rows] = scored[key].view(C, len(rows), *teacher[key].shape[1:])
-    return teacher, contrast
-
-
-def contrastive_target(teacher_gathered: torch.Tensor, contrast_gathered: torch.Tensor, weight: float) -> torch.Tensor:
-    """log Q = log T - lam * G over the student's top-k + tail buckets, renormalised (Q ∝ T exp(-lam G), Eq. 8).
-
-    teacher_gathered [B, T, k+1]; contrast_gathered [C, B, T, k+1], whose mean over C is G. At lam = 0
-    T's buckets are returned as they are: they already sum to one, so the loss is SDPO's bit for bit.
-    """
-    if weight == 0:
-        return teacher_gathered
-    logits = teacher_gathered - weight * contrast_gathered.mean(0)
-    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-
-
-def credit_metrics(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                   weight: float, mask: torch.Tensor) -> dict[str, float]:
-    """On distilled tokens (`mask`), at the sampled token: the subtracted term lam * mean_k c_k, what is left of t,
-    its Pearson correlation with t, and how often u - lam * mean_k c_k has the other sign than u = t - s_old."""
-    t, c = teacher_logprobs.double(), contrast_logprobs.mean(0).double()
-    u = token_credit(teacher_logprobs, old_logprobs, mask)
-    flipped = torch.sign(u - weight * c.float() * mask) != torch.sign(u)
-    m = mask.double()
-    n, sub, left, flips, st, sc, stt, scc, stc = all_reduce(torch.stack(
-        [m.sum()] + [(x * m).sum() for x in (weight * c, t - weight * c, flipped.double(), t, c, t * t, c * c, t * c)])).tolist()
-    n = max(n, 1.0)
-    cov, var_t, var_c = stc / n - st * sc / n ** 2, stt / n - (st / n) ** 2, scc / n - (sc / n) ** 2
-    return {"credit/contrast_mean": sub / n, "credit/input_specific_mean": left / n, "credit/sign_flip_frac": flips / n,
-            "credit/corr_teacher_contrast": cov / max(math.sqrt(max(var_t * var_c, 0.0)), 1e-12)}
-
-
-def main(args: Args) -> None:
-    require_partners(args.num_prompts // int(os.environ.get("WORLD_SIZE", "1")))  # fail before any work
-    run = setup(args, "credit", teacher_weights=args.teacher, reference=args.beta > 0)
-    for step in range(run.start_step, args.total_steps):
-        metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
-        t0 = time.perf_counter()
-
-        # 1. Rollout and verify; GRPO group advantage A_i (0 at the paper's --grpo-coef 0).
-        batch = collect_batch(run)
-        t_gen = time.perf_counter()
-        advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
-        mask = batch.rollout.completion_mask.float()
-        G = args.group_size
-
-        # 2. Old-policy log-probs s_old and the student's top-k indices to distil over, reference log-probs.
-        old = score_rollout(run, batch, with_entropy=True, topk=args.topk)
-        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
-        t_score = time.perf_counter()
-
-        # 3. SDPO's context z_i (a successful peer, else feedback; rows with neither are not distilled) and
-        #    C partner prompts x'_k from other prompt groups of the batch.
-        contexts = sdpo_contexts(batch, G, args.env_feedback)
-        distilled = torch.tensor([c != (None, None) for c in contexts])
-        distill_mask = mask * distilled.to(mask.device)[:, None]
-        partners = contrast_partners(run.local_prompts, G, args.num_contrast, (args.seed, run.d.rank, step))
-
-        # 4. Teacher T_t = pi_T(. | x_i, z_i, y_<t) and, for distilled rows, the contrast from pi_T(. | x'_k, z_i, y_<t),
-        #    both at the student's top-k + tail, in one scoring call.
-        teacher, contrast = teacher_and_contrast(run, args, batch, contexts, partners, old["topk_index"])
-        t_teach = time.perf_counter()
-
-        # 5. The target Q_t ∝ T_t exp(-lam G_t) over the student's top-k + tail (Eq. 8).
-        target = contrastive_target(teacher["gathered"], contrast["gathered"], args.contrast_weight)
-        token_advantages = advantages[:, None].expand_as(mask).contiguous()
-
-        def loss_fn(mb: MicroBatch):
-            loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
-            divergence = generalized_jsd(mb.out["gathered"], target[mb.rows], args.jsd_alpha)  # D_alpha(S_t || Q_t)
-            distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence, distill_mask)
-            return loss + distill, stats
-
-        # 6. Update (distillation, + the surrogate if --grpo-coef > 0), then the EMA teacher follows.
-        metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask},
-                            stat_masks={"loss/distill": "distill"}, row_inputs={"gather_index": old["topk_index"]})
-        if args.teacher == "ema":
-            ema_update(run.teacher, run.policy, args.ema_rate)
-        t_update = time.perf_counter()
-
-        credit = token_credit(teacher["logprobs"], old["logprobs"], distill_mask)
-        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
-        metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, G, step, run.d.is_main)
-        metrics |= credit_metrics(teacher["logprobs"], contrast["logprobs"], old["logprobs"], args.contrast_weight,
-                                  distill_mask)
-        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
-        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
-    run.close()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """GRPO, Dr. GRPO and DAPO: group-relative policy optimisation with verifiable rewards.
 
 Papers: Shao et al. 2024, DeepSeekMath (GRPO); Liu et al. 2025, arXiv 2503.20783 (Dr. GRPO);
-Yu et al. 2025, arXiv 2503.14476 (DAPO).
+Yu et al. 2025, arXiv 2503.14476 (DAPO). See docs/grpo.md.
 
 Idea: sample G completions per prompt, score them with a verifier, and use each completion's reward
 relative to its group as the advantage of every one of its tokens in a PPO clipped surrogate:
@@ -12,18 +12,13 @@ relative to its group as the advantage of every one of its tokens in a PPO clipp
 
 aggregated per `--loss-agg`: `sequence` (GRPO: token mean per row, then row mean), `token` (DAPO:
 sum over all tokens / their count) or `constant` (Dr. GRPO: sum / (rows * max_new_tokens)).
-
-Presets (`--preset`; see docs/grpo.md) set these fields, except those given on the command line:
-    grpo     adv-scale group, loss-agg sequence, eps 0.2/0.2, beta 0.04
-    dr-grpo  adv-scale none,  loss-agg constant, eps 0.2/0.2, beta 0
-    dapo     adv-scale group, loss-agg token,    eps 0.2/0.28, beta 0, dynamic sampling, overlong shaping
-The default (`--preset none`) is the project's choice: DAPO-style token aggregation with group scaling,
-eps 0.2/0.28, beta 0, one optimizer step per rollout batch, temperature 1.0, no dynamic sampling.
+`--preset grpo|dr-grpo|dapo` sets the paper's values of these fields where the command line leaves
+them at their defaults (PRESETS below); the default is DAPO-style token aggregation, eps 0.2/0.28.
 
 Run:
-    python grpo.py                                   # the embedded toy task, CPU, a few minutes
+    python grpo.py                                   # the embedded toy task, CPU, about 20 seconds
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen3-1.7B --dataset gsm8k --preset dapo \\
-        --num-prompts 64 --group-size 8 --max-new-tokens 1024 --learning-rate 1e-6 --total-steps 200
+        --overlong-cache 256 --num-prompts 64 --group-size 8 --max-new-tokens 1024 --learning-rate 1e-6
 """
 from __future__ import annotations
 
@@ -36,7 +31,7 @@ import torch
 from common.args import TrainArgs, check, cli
 from common.batch import collect_batch, score_rollout
 from common.run import setup
-from common.update import MicroBatch, optimize
+from common.update import MicroBatch, Update
 
 PRESETS = {
     "grpo": dict(adv_scale="group", loss_agg="sequence", eps_low=0.2, eps_high=0.2, beta=0.04),
@@ -48,7 +43,7 @@ PRESETS = {
 
 @dataclass
 class Args(TrainArgs):
-    """GRPO / Dr. GRPO / DAPO: group-relative advantages in a PPO clipped surrogate, on the embedded toy task by default."""
+    """GRPO / Dr. GRPO / DAPO: group-relative advantages in a PPO clipped surrogate (the toy task by default)."""
 
     preset: Literal["none", "grpo", "dr-grpo", "dapo"] = "none"
     """Named loss preset: sets the loss fields below that the command line leaves at their defaults."""
@@ -187,14 +182,20 @@ def main(args: Args) -> None:
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
-        # 4. Clipped-surrogate update (+ KL to the reference).
-        entropy = torch.zeros_like(mask, dtype=torch.float32) if on_policy else old["entropy"]
-        metrics |= optimize(run, batch, lambda mb: policy_loss(mb, args, token_advantages, old.get("logprobs"), ref_logprobs),
-                            step, entropy_out=entropy if on_policy else None)
+        # 4. Clipped-surrogate update (+ KL to the reference): an optimizer step per minibatch.
+        update = Update(run, batch, step, with_entropy=on_policy)
+        for minibatch in update.minibatches():
+            for rows in minibatch.split(args.micro_batch_rows):
+                mb = update.forward(rows)
+                loss, sums = policy_loss(mb, args, token_advantages, old.get("logprobs"), ref_logprobs)
+                loss.backward()
+                update.log(sums)
+            update.step()
+        metrics |= update.metrics()
         t_update = time.perf_counter()
 
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_score}
-        run.end_step(step, t0, metrics, batch, advantages, entropy)
+        run.end_step(step, t0, metrics, batch, advantages, update.entropy if on_policy else old["entropy"])
     run.close()
 
 

@@ -1,8 +1,8 @@
 """Hindsight Self-Distillation (HSD): the self-teacher reads a successful peer rollout of the same group.
 
 Paper: Li, Hong, Lan 2026, "Localizing Credit at the Divergence: Path-Conditioned Self-Distillation
-for LLM Reasoning" (arXiv 2606.15576). Source status: SECONDARY. The paper's text and code could not be
-read here; six summaries of its v1 PDF agree on what follows. See docs/hsd.md.
+for LLM Reasoning" (arXiv 2606.15576). Sources: SECONDARY (the paper's text and code could not be
+read here; six summaries of its v1 PDF agree). See docs/hsd.md.
 
 Idea: an answer-only self-teacher knows where a failed attempt should end, not where it went wrong.
 Shown a successful attempt of the same group (and the answer), the teacher disagrees with the failed
@@ -13,48 +13,13 @@ attempt from the token where it left the successful path: the credit concentrate
     J   = (1/G) sum_i (1/|o_i|) sum_t KL(S_t || T_t) + beta * KL(pi_theta || pi_0)      (Eq. 10, OPSD's loss)
           S_t = pi_theta(. | x, o_<t), T_t = pi_theta(. | x, c_i, o_<t) stop-gradient, over the full vocabulary
 
-The paper's recipe, the defaults here [secondary]: on-policy distillation only, no GRPO advantage
-(`--sd-loss kl --grpo-coef 0`), the per-token full-vocabulary KL between teacher and student, a small
-KL to the initial model (`--beta 0.001`; the summaries report that beta = 0 collapses), the teacher the
-same network with current weights (`--teacher current`), a uniformly drawn peer (`--peer random`) with
-the answer-only fallback, no correctness sentence (`--no-feedback`), G = 8, temperature 1. Its lr 1e-6,
-batch 128 and 1,500 steps are for 8B/32B models; on the toy task the shared defaults apply.
-
-Choices the sources leave open, made here:
-- KL direction (`--kl-direction`): Eq. 10 writes the teacher first but the summaries call the loss
-  "reverse KL", and OPSD's on-policy distillation samples from the student; reverse KL(S || T)
-  (mode-seeking, an expectation under the sampling policy) is the default, `forward` gives KL(T || S).
-  Both are computed exactly over the full vocabulary, one chunk of positions at a time: the teacher's
-  final hidden states are kept from its scoring pass and its LM head is applied inside the update's
-  chunked forward (no [B, T, V] tensor). With the current policy as teacher this needs one update per
-  batch (the head must not move under it): other settings are refused with a message.
-- Eq. 10's normalisation: each row's token mean, then the mean over rows (rows left out by
-  `--on-success skip` count as zero); the beta term is the k3 estimator on sampled tokens (grpo.py's).
-- The teacher prompt's wording: no primary text gives it, so it is the project's,
-  `{problem}\n\n{block}\n\n{--teacher-instruction}` with the block above (the peer's full decoded
-  completion, special tokens skipped, nothing stripped, then the answer); a teacher prompt over
-  `--max-teacher-prompt-tokens` is shortened in its middle.
-- `--on-success peer` (default): a successful row distils toward another success when one exists,
-  else toward the answer alone; `answer`: always the answer alone; `skip`: no distillation.
-- `--peer random` draws from a generator seeded by (seed, rank, step), never the global RNG, so runs
-  and resumes reproduce; `first` / `shortest` are the paper's peer-choice ablations.
-
-Diagnostics [derived], the paper's localisation claim: for failed rows i with a peer j, the divergence
-index d = longest common token prefix of o_i and o_j, then (a) the share of the credit magnitude |u_t|
-(u = t - s_old, the sampled-token log-ratio) within +-w tokens of d (`hsd/abs_credit_near_div`; the
-paper reports about 55% for HSD and a flat answer-only teacher), (b) the share of negative credit there
-(`hsd/credit_mass_near_div`) and (c) where the most negative token sits (`hsd/argmin_..._offset_mean`).
-Every `--diagnostics-every` steps (default 10) the same rows are also scored by the answer-only teacher
-(one extra teacher pass) for the `..._answer_only` figures; other steps report the peer teacher only.
-
-The earlier project recipe, HSD's context in the GRPO frame (`--sd-loss token --grpo-coef 1 --feedback
---beta 0`: A_t = A_i + lam * u_t), and sd.py's top-k JSD (`--sd-loss logit`) stay available; the GRPO
-frame's flags are grpo.py's: `--adv-scale`, `--loss-agg`, `--eps-low/--eps-high`, `--beta`.
+Defaults [secondary]: no GRPO term (`--grpo-coef 0`; 1 adds grpo.py's surrogate against drift), beta
+0.001, the current weights as teacher, a uniformly drawn peer. The teacher prompt's wording and the KL
+direction are the project's choices (docs/hsd.md). `hsd/...` metrics test the paper's localisation claim.
 
 Run:
     python hsd.py                                  # the paper's recipe on the toy task
-    python hsd.py --sd-loss token --grpo-coef 1 --feedback --beta 0   # the GRPO frame
-    torchrun --nproc_per_node 8 hsd.py --model Qwen/Qwen3-8B --dataset math --num-prompts 16 --group-size 8 \
+    torchrun --nproc_per_node 8 hsd.py --model Qwen/Qwen3-8B --dataset math --num-prompts 16 --group-size 8 \\
         --max-new-tokens 4096 --max-teacher-prompt-tokens 8192 --learning-rate 1e-6 --total-steps 1500
 """
 from __future__ import annotations
@@ -68,19 +33,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common.args import TrainArgs, check, cli
-from common.batch import collect_batch, score_rollout
+from common.args import ArgError, TrainArgs, check, cli
+from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce, unsharded
 from common.example import Example
-from common.run import setup
+from common.run import Run, setup
 from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
-from common.update import MicroBatch, optimize
-from common.verifiers import Verdict
+from common.update import MicroBatch, Update
 
 
 @dataclass
 class Args(TrainArgs):
-    """Hindsight Self-Distillation: the self-teacher reads a successful peer rollout of the same group and the answer."""
+    """Hindsight Self-Distillation: the self-teacher reads a successful peer rollout of the group and the answer."""
 
     # The GRPO frame (grpo.py)
     adv_scale: Literal["group", "batch", "none"] = "group"
@@ -94,33 +58,21 @@ class Args(TrainArgs):
     beta: float = 0.001
     """Weight of the k3 KL penalty to the frozen initial model (HSD: 0.001; 0 disables the reference model)."""
     grpo_coef: float = 0.0
-    """Scale of the GRPO advantage (HSD has none; 1 with --sd-loss token gives the GRPO frame)."""
+    """Scale of a GRPO term added to the distillation (HSD has none; 1: a reward term against drift)."""
 
     # Self-distillation (sd.py)
     teacher: Literal["current", "ema", "initial"] = "current"
     """Teacher weights: the current policy, an EMA of it (SDPO), or the frozen initial model (OPSD)."""
     ema_rate: float = 0.05
     """EMA teacher update rate: phi <- (1 - rate) phi + rate theta after each step."""
-    feedback: bool = False
-    """Append feedback on the row's own attempt (correct/incorrect; the verifier's message for code)."""
     max_teacher_prompt_tokens: int = 1024
     """Teacher prompts longer than this have their privileged block shortened in the middle."""
     teacher_instruction: str = "Now solve the original problem step by step."
     """The teacher prompt's last line, after the privileged block ("" for none; the wording is a choice)."""
-    sd_loss: Literal["kl", "token", "logit"] = "kl"
-    """`kl`: full-vocabulary per-token KL (the paper); `token`: fold lam * u into A_i; `logit`: sd.py's top-k JSD."""
     kl_direction: Literal["reverse", "forward"] = "reverse"
-    """KL mode: reverse KL(student || teacher) or forward KL(teacher || student) per token."""
-    lam: float = 0.5
-    """Token mode: weight of the credit u in the token advantage (0 reproduces grpo.py)."""
+    """Reverse KL(student || teacher) or forward KL(teacher || student) per token (Eq. 10 leaves it open)."""
     lam_sd: float = 1.0
-    """KL and logit modes: weight of the distillation loss."""
-    jsd_alpha: float = 0.5
-    """Logit mode: generalized JSD mixture weight (0 forward KL(T||S), 1 reverse KL(S||T))."""
-    topk: int = 100
-    """Logit mode: distil over the student's top-k tokens plus one tail bucket."""
-    is_clip: float = 2.0
-    """Logit mode: clip of the detached importance weight exp(s - s_old)."""
+    """Weight of the distillation loss."""
 
     # HSD
     peer: Literal["random", "first", "shortest"] = "random"
@@ -140,17 +92,189 @@ class Args(TrainArgs):
         check(self.grpo_coef, "grpo_coef", low=0)
         check(self.ema_rate, "ema_rate", 0, 1, low_open=True)
         check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
-        check(self.lam, "lam")
         check(self.lam_sd, "lam_sd", low=0)
-        check(self.jsd_alpha, "jsd_alpha", 0, 1)
-        check(self.topk, "topk", low=1)
-        check(self.is_clip, "is_clip", low=0, low_open=True)
         check(self.diagnostics_every, "diagnostics_every", low=0)
+        if self.teacher == "current" and self.ppo_epochs * self.num_minibatches > 1:
+            raise ArgError("--teacher current: the KL reads the teacher's LM head inside the update, so it needs one "
+                           "update per batch: drop --ppo-epochs/--num-minibatches, or use --teacher ema/initial")
         check(self.div_window, "div_window", low=0)
 
 
+def answer_block(example: Example) -> str:
+    """The endpoint cue: only the final answer (the fallback without a successful peer)."""
+    return f"The correct final answer is: {example.answer}"
+
+
+def hindsight_block(peer_text: str, answer: str) -> str:
+    """The privileged block of HSD: a successful peer's full completion, then the ground-truth answer."""
+    return f"A correct solution:\n\n{peer_text}\n\nThe correct final answer is: {answer}"
+
+
+def privileged_block(example: Example, peer_text: str | None) -> str:
+    """c_i: the hindsight block, or the answer alone without a peer."""
+    return hindsight_block(peer_text, example.answer) if peer_text is not None else answer_block(example)
+
+
+def hsd_message(example: Example, block: str, instruction: str) -> TeacherMessage:
+    """The teacher's user message (wording a choice): `{problem}\n\n{block}\n\n{instruction}` (no last line if "")."""
+    return TeacherMessage(f"{example.prompt}\n\n", block, f"\n\n{instruction}" if instruction else "")
+
+
+def divergence_index(a_ids: torch.Tensor, b_ids: torch.Tensor, a_len: torch.Tensor,
+                     b_len: torch.Tensor) -> torch.Tensor:
+    """d = length of the longest common token prefix of a[:a_len] and b[:b_len], per row ([N, T] -> [N])."""
+    within = torch.arange(a_ids.shape[-1], device=a_ids.device) < torch.minimum(a_len, b_len)[..., None]
+    return ((a_ids == b_ids) & within).long().cumprod(-1).sum(-1)
+
+
+def credit_mass_near(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor, window: int) -> torch.Tensor:
+    """Share of negative credit within +-window of d: sum_{|t-d|<=w} min(delta,0) / sum_t min(delta,0); 0 if none."""
+    negative = delta.clamp(max=0) * mask
+    near = (torch.arange(delta.shape[-1], device=delta.device) - d[..., None]).abs() <= window
+    total = negative.sum(-1)
+    return torch.where(total < 0, (negative * near).sum(-1) / total, 0.0)
+
+
+def argmin_offset(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """argmin_t delta_t - d over completion tokens: where the most negative credit sits relative to d."""
+    return delta.masked_fill(mask == 0, math.inf).argmin(-1) - d
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "reverse") -> torch.Tensor:
+    """Per-position full-vocabulary KL from logits / tau: reverse KL(S || T) or forward KL(T || S) (Eq. 10)."""
+    s, t = F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
+    if direction == "reverse":
+        return (s.exp() * (s - t)).sum(-1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def kl_loss(mb: MicroBatch, args: Args, distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lam_sd * (1/B) sum_i (1/|o_i|) sum_t KL_t over distilled rows (Eq. 10's first term); and its token sum."""
+    per_token = mb.out["paired"] * distill_mask[mb.rows]
+    per_row = per_token.sum(-1) / mb.mask.sum(-1).clamp(min=1)
+    return args.lam_sd * per_row.sum() / mb.num_rows, per_token.sum()
+
+
+def abs_credit_near(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor, window: int) -> torch.Tensor:
+    """Share of the credit magnitude within +-window of d: sum_{|t-d|<=w} |delta_t| / sum_t |delta_t|; 0 if none."""
+    magnitude = delta.abs() * mask
+    near = (torch.arange(delta.shape[-1], device=delta.device) - d[..., None]).abs() <= window
+    total = magnitude.sum(-1)
+    return torch.where(total > 0, (magnitude * near).sum(-1) / total, 0.0)
+
+
+def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids: torch.Tensor, mask: torch.Tensor,
+                credits: dict[str, torch.Tensor], window: int) -> dict[str, float]:
+    """Peer coverage, then the divergence diagnostics over failed rows with a peer (left out when there are none)."""
+    lengths, peer = mask.sum(-1).long(), peers.clamp(min=0)
+    d = divergence_index(ids, ids[peer], lengths, lengths[peer])
+    rows = (peers >= 0) & ~correct
+    n_rows = all_reduce(torch.tensor(float(len(peers)), device=mask.device))
+    n = all_reduce(rows.float().sum())
+    all_fail = (~correct.view(-1, group_size).any(-1)).float()
+
+    def mean(x: torch.Tensor) -> float:
+        return (all_reduce((x.float() * rows).sum()) / n).item()
+
+    out = {"hsd/frac_rows_with_peer": (all_reduce((peers >= 0).float().sum()) / n_rows).item(),
+           "hsd/frac_all_fail_groups": (all_reduce(all_fail.sum()) / (n_rows / group_size)).item(),
+           "hsd/frac_rows_diagnosed": (n / n_rows).item()}
+    if n == 0:  # no failed row with a peer on any rank: nothing to diagnose (JSON has no NaN)
+        return out
+    out["hsd/div_index_mean"] = mean(d)
+    for suffix, credit in credits.items():
+        offset = argmin_offset(credit, mask, d)
+        out[f"hsd/credit_mass_near_div{suffix}"] = mean(credit_mass_near(credit, mask, d, window))
+        out[f"hsd/abs_credit_near_div{suffix}"] = mean(abs_credit_near(credit, mask, d, window))
+        out[f"hsd/argmin_offset_mean{suffix}"] = mean(offset)
+        out[f"hsd/argmin_abs_offset_mean{suffix}"] = mean(offset.abs())
+    return out
+
+
+def answer_only_credit(run: Run, args: Args, batch: Batch, old_logprobs: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """u = t - s_old under the answer-only teacher on the same rows (the `_answer_only` diagnostics' baseline)."""
+    messages = [hsd_message(e, answer_block(e), args.teacher_instruction) for e in batch.examples]
+    return token_credit(score_teacher(run, batch, messages, args.max_teacher_prompt_tokens)["logprobs"], old_logprobs,
+                        mask)
+
+
+def main(args: Args) -> None:
+    run = setup(args, "hsd", teacher_weights=args.teacher, reference=args.beta > 0)
+    for step in range(run.start_step, args.total_steps):
+        metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
+        t0 = time.perf_counter()
+
+        # 1. Rollout and verify; GRPO group advantage A_i (0 at the paper's --grpo-coef 0).
+        batch = collect_batch(run)
+        t_gen = time.perf_counter()
+        advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
+        mask = batch.rollout.completion_mask.float()
+
+        # 2. Old-policy log-probs s_old (for the surrogate and the credit diagnostics), reference log-probs.
+        old = score_rollout(run, batch, with_entropy=True)
+        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        t_score = time.perf_counter()
+
+        # 3. Teacher context c_i: a successful peer of the same group + the answer (answer only without a peer).
+        correct = torch.tensor([v.correct for v in batch.verdicts])
+        generator = torch.Generator().manual_seed((args.seed + run.d.rank) * 1_000_003 + step)  # not the global RNG
+        peers = choose_peers(correct, args.group_size, args.peer, generator, batch.rollout.lengths.cpu())
+        if args.on_success != "peer":
+            peers[correct] = -1
+        distilled = (~correct if args.on_success == "skip" else torch.ones_like(correct)).to(run.d.device)
+        texts = batch.rollout.texts
+        messages = [hsd_message(e, privileged_block(e, texts[p] if p >= 0 else None), args.teacher_instruction)
+                    for e, p in zip(batch.examples, peers.tolist())]
+
+        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t), and keeps its final hidden
+        #    states, from which the update recomputes its full-vocabulary distribution chunk by chunk.
+        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, return_hidden=True)
+        t_teach = time.perf_counter()
+
+        # 5. Credit u = t - s_old (0 on rows left out), for the diagnostics; the answer-only teacher on the
+        #    same rows every --diagnostics-every steps. Every rank scores all its rows (FSDP: the same forwards).
+        credit = token_credit(teacher["logprobs"], old["logprobs"], mask * distilled[:, None])
+        distill_mask = mask * distilled[:, None].float()
+        credits = {"": credit}
+        if args.diagnostics_every > 0 and step % args.diagnostics_every == 0:
+            t1 = time.perf_counter()
+            credits["_answer_only"] = answer_only_credit(run, args, batch, old["logprobs"], mask)
+            metrics["perf/diagnostics_s"] = time.perf_counter() - t1
+        t_diag = time.perf_counter()
+
+        # 6. Update: lam_sd * Eq. 10's per-token KL (the teacher's LM head inside the student's chunks) + beta *
+        #    KL(pi || pi_0) (+ the surrogate if --grpo-coef > 0); then the EMA teacher follows.
+        token_advantages = advantages[:, None].expand_as(mask).contiguous()
+        kl = functools.partial(token_kl, direction=args.kl_direction)
+        update = Update(run, batch, step, token_masks={"distill": distill_mask})
+        with unsharded(run.teacher):  # a separate teacher's head is used inside the policy's forward
+            for minibatch in update.minibatches():
+                for rows in minibatch.split(args.micro_batch_rows):
+                    mb = update.forward(rows, paired_hidden=teacher["hidden"], paired_head=run.teacher_model.lm.lm_head,
+                                        paired_fn=kl)
+                    policy, sums = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+                    distill, sums["loss/distill"] = kl_loss(mb, args, distill_mask)
+                    loss = policy + distill
+                    loss.backward()
+                    update.log(sums)
+                update.step()
+        metrics |= update.metrics({"loss/distill": "distill"})
+        if args.teacher == "ema":
+            ema_update(run.teacher, run.policy, args.ema_rate)
+        t_update = time.perf_counter()
+
+        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
+        metrics |= distillation_coverage(distilled, correct, args.group_size, step, run.d.is_main)
+        metrics |= hsd_metrics(correct.to(run.d.device), peers.to(run.d.device), args.group_size,
+                               batch.rollout.completion_ids, mask, credits, args.div_window)
+        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_diag}
+        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
+    run.close()
+
+
 # ---------------------------------------------------------------------------------------------------
-# The GRPO frame: advantage, surrogate, KL, aggregation (copied from grpo.py, kept identical by a test).
+# Copies of small functions another script defines (kept identical by tests/test_layout.py).
 
 
 # Same as grpo.py: group_advantages
@@ -223,43 +347,10 @@ def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logpro
     return loss, stats
 
 
-# ---------------------------------------------------------------------------------------------------
-# sd.py's credit and distillation loss (copied, kept identical by a test).
-
-
 # Same as sd.py: token_credit
 def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """u = t - s_old on completion tokens, 0 on padding (all detached)."""
     return (teacher_logprobs - old_logprobs).detach() * mask
-
-
-# Same as sd.py: generalized_jsd
-def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
-    """D_alpha over the last dim of log-probs: (1-a) KL(S||M) + a KL(T||M), M = (1-a) pS + a pT.
-
-    alpha = 0 is KL(T||S) and alpha = 1 is KL(S||T) (the mixture form vanishes at the ends).
-    """
-    def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-        return (p_log.exp() * (p_log - q_log)).sum(-1)
-
-    if alpha == 0:
-        return kl(teacher, student)
-    if alpha == 1:
-        return kl(student, teacher)
-    mixture = torch.logsumexp(torch.stack([student + math.log(1 - alpha), teacher + math.log(alpha)]), dim=0)
-    return (1 - alpha) * kl(student, mixture) + alpha * kl(teacher, mixture)
-
-
-# Same as sd.py: distillation_loss
-def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, divergence: torch.Tensor,
-                      distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lam_sd * the mean over distilled tokens of w_t * D_t (D: the micro-batch's divergence [b, T]); its sum.
-
-    w_t = min(exp(s_t - s_old_t), is_clip), detached (the log-ratio clamped to +-20 first, as SDPO's code).
-    """
-    weight = torch.exp((mb.out["logprobs"] - old_logprobs[mb.rows]).clamp(-20, 20)).clamp(max=args.is_clip).detach()
-    masked = weight * divergence * distill_mask[mb.rows]
-    return args.lam_sd * masked.sum() / mb.tokens["distill"], masked.sum()
 
 
 # Same as sd.py: sd_metrics
@@ -273,10 +364,6 @@ def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teache
             "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
             "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
             "perf/teacher_s": t_teacher}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The algorithm: peer choice, hindsight context, divergence diagnostics (pure functions).
 
 
 # Same as sd.py: choose_peers
@@ -300,200 +387,6 @@ def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: t
         raise ValueError(f"unknown peer choice {mode!r}")
     pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
     return torch.where(candidates.any(-1), pick, -1).reshape(-1)
-
-
-def answer_block(example: Example) -> str:
-    """The endpoint cue: only the final answer (the fallback without a successful peer)."""
-    return f"The correct final answer is: {example.answer}"
-
-
-def feedback_sentence(example: Example, verdict: Verdict) -> str:
-    """Optional feedback on the row's own attempt (HSD names none); code tasks get the verifier's message."""
-    if example.task == "code":
-        return f"Feedback on your previous attempt: {verdict.feedback}"
-    return "Your previous attempt was correct." if verdict.correct else "Your previous attempt was incorrect."
-
-
-def hindsight_block(peer_text: str, answer: str) -> str:
-    """The privileged block of HSD: a successful peer's full completion, then the ground-truth answer."""
-    return f"A correct solution:\n\n{peer_text}\n\nThe correct final answer is: {answer}"
-
-
-def privileged_block(example: Example, verdict: Verdict, peer_text: str | None, feedback: bool) -> str:
-    """c_i: the hindsight block (answer-only without a peer), then (optionally) feedback on the attempt."""
-    block = hindsight_block(peer_text, example.answer) if peer_text is not None else answer_block(example)
-    return f"{block}\n\n{feedback_sentence(example, verdict)}" if feedback else block
-
-
-def hsd_message(example: Example, block: str, instruction: str) -> TeacherMessage:
-    """The teacher's user message (wording a choice): `{problem}\n\n{block}\n\n{instruction}` (no last line if "")."""
-    return TeacherMessage(f"{example.prompt}\n\n", block, f"\n\n{instruction}" if instruction else "")
-
-
-def divergence_index(a_ids: torch.Tensor, b_ids: torch.Tensor, a_len: torch.Tensor, b_len: torch.Tensor) -> torch.Tensor:
-    """d = length of the longest common token prefix of a[:a_len] and b[:b_len], per row ([N, T] -> [N])."""
-    within = torch.arange(a_ids.shape[-1], device=a_ids.device) < torch.minimum(a_len, b_len)[..., None]
-    return ((a_ids == b_ids) & within).long().cumprod(-1).sum(-1)
-
-
-def credit_mass_near(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor, window: int) -> torch.Tensor:
-    """Share of negative credit within +-window of d: sum_{|t-d|<=w} min(delta,0) / sum_t min(delta,0); 0 if none."""
-    negative = delta.clamp(max=0) * mask
-    near = (torch.arange(delta.shape[-1], device=delta.device) - d[..., None]).abs() <= window
-    total = negative.sum(-1)
-    return torch.where(total < 0, (negative * near).sum(-1) / total, 0.0)
-
-
-def argmin_offset(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """argmin_t delta_t - d over completion tokens: where the most negative credit sits relative to d."""
-    return delta.masked_fill(mask == 0, math.inf).argmin(-1) - d
-
-
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "reverse") -> torch.Tensor:
-    """Per-position full-vocabulary KL from logits / tau: reverse KL(S || T) or forward KL(T || S) (Eq. 10)."""
-    s, t = F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
-    if direction == "reverse":
-        return (s.exp() * (s - t)).sum(-1)
-    return (t.exp() * (t - s)).sum(-1)
-
-
-def kl_loss(mb: MicroBatch, args: Args, distill_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lam_sd * (1/B) sum_i (1/|o_i|) sum_t KL_t over distilled rows (Eq. 10's first term); and its token sum."""
-    per_token = mb.out["paired"] * distill_mask[mb.rows]
-    per_row = per_token.sum(-1) / mb.mask.sum(-1).clamp(min=1)
-    return args.lam_sd * per_row.sum() / mb.num_rows, per_token.sum()
-
-
-def abs_credit_near(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor, window: int) -> torch.Tensor:
-    """Share of the credit magnitude within +-window of d: sum_{|t-d|<=w} |delta_t| / sum_t |delta_t|; 0 if none."""
-    magnitude = delta.abs() * mask
-    near = (torch.arange(delta.shape[-1], device=delta.device) - d[..., None]).abs() <= window
-    total = magnitude.sum(-1)
-    return torch.where(total > 0, (magnitude * near).sum(-1) / total, 0.0)
-
-
-def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids: torch.Tensor, mask: torch.Tensor,
-                credits: dict[str, torch.Tensor], window: int) -> dict[str, float]:
-    """Peer coverage, then the divergence diagnostics over failed rows with a peer (left out when there are none)."""
-    lengths, peer = mask.sum(-1).long(), peers.clamp(min=0)
-    d = divergence_index(ids, ids[peer], lengths, lengths[peer])
-    rows = (peers >= 0) & ~correct
-    n_rows = all_reduce(torch.tensor(float(len(peers)), device=mask.device))
-    n = all_reduce(rows.float().sum())
-    all_fail = (~correct.view(-1, group_size).any(-1)).float()
-
-    def mean(x: torch.Tensor) -> float:
-        return (all_reduce((x.float() * rows).sum()) / n).item()
-
-    out = {"hsd/frac_rows_with_peer": (all_reduce((peers >= 0).float().sum()) / n_rows).item(),
-           "hsd/frac_all_fail_groups": (all_reduce(all_fail.sum()) / (n_rows / group_size)).item(),
-           "hsd/frac_rows_diagnosed": (n / n_rows).item()}
-    if n == 0:  # no failed row with a peer on any rank: nothing to diagnose (JSON has no NaN)
-        return out
-    out["hsd/div_index_mean"] = mean(d)
-    for suffix, credit in credits.items():
-        offset = argmin_offset(credit, mask, d)
-        out[f"hsd/credit_mass_near_div{suffix}"] = mean(credit_mass_near(credit, mask, d, window))
-        out[f"hsd/abs_credit_near_div{suffix}"] = mean(abs_credit_near(credit, mask, d, window))
-        out[f"hsd/argmin_offset_mean{suffix}"] = mean(offset)
-        out[f"hsd/argmin_abs_offset_mean{suffix}"] = mean(offset.abs())
-    return out
-
-
-def main(args: Args) -> None:
-    one_update = args.ppo_epochs * args.num_minibatches == 1
-    if args.sd_loss == "kl" and args.teacher == "current" and not one_update:
-        raise ValueError("--sd-loss kl with --teacher current reads the teacher's LM head inside the update, so it needs "
-                         "one update per batch: drop --ppo-epochs/--num-minibatches, or use --teacher ema/initial")
-    run = setup(args, "hsd", teacher_weights=args.teacher, reference=args.beta > 0)
-    logit, kl = args.sd_loss == "logit", args.sd_loss == "kl"
-    for step in range(run.start_step, args.total_steps):
-        metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
-        t0 = time.perf_counter()
-
-        # 1. Rollout and verify; GRPO group advantage A_i (0 at the paper's --grpo-coef 0).
-        batch = collect_batch(run)
-        t_gen = time.perf_counter()
-        advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
-        mask = batch.rollout.completion_mask.float()
-
-        # 2. Old-policy log-probs s_old (logit mode: also the top-k indices to distil over), reference log-probs.
-        old = score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
-        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
-        t_score = time.perf_counter()
-
-        # 3. Teacher context c_i: a successful peer of the same group + the answer (answer only without a peer).
-        correct = torch.tensor([v.correct for v in batch.verdicts])
-        generator = torch.Generator().manual_seed((args.seed + run.d.rank) * 1_000_003 + step)  # not the global RNG
-        peers = choose_peers(correct, args.group_size, args.peer, generator, batch.rollout.lengths.cpu())
-        if args.on_success != "peer":
-            peers[correct] = -1
-        distilled = (~correct if args.on_success == "skip" else torch.ones_like(correct)).to(run.d.device)
-        texts = batch.rollout.texts
-        messages = [hsd_message(e, privileged_block(e, v, texts[p] if p >= 0 else None, args.feedback),
-                                args.teacher_instruction) for e, v, p in zip(batch.examples, batch.verdicts, peers.tolist())]
-
-        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t) (KL mode: also its final
-        #    hidden states, from which the update recomputes its full-vocabulary distribution chunk by chunk).
-        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
-                                return_hidden=kl)
-        t_teach = time.perf_counter()
-
-        # 5. Credit u = t - s_old (0 on skipped rows). KL mode: the per-token KL(S_t || T_t) loss of Eq. 10;
-        #    token mode: A_t = A_i + lam * u; logit mode: sd.py's top-k distillation loss.
-        credit = token_credit(teacher["logprobs"], old["logprobs"], mask * distilled[:, None])
-        distill_mask = mask * distilled[:, None].float()
-        if kl or logit:
-            token_advantages = advantages[:, None].expand_as(mask).contiguous()
-        else:
-            token_advantages = advantages[:, None] + args.lam * credit
-
-        def loss_fn(mb: MicroBatch):
-            loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)  # + beta * KL(pi || pi_0)
-            if kl:
-                distill, stats["loss/distill"] = kl_loss(mb, args, distill_mask)
-                loss = loss + distill
-            elif logit:
-                divergence = generalized_jsd(mb.out["gathered"], teacher["gathered"][mb.rows], args.jsd_alpha)
-                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence, distill_mask)
-                loss = loss + distill
-            return loss, stats
-
-        # 6. Diagnostics: the answer-only teacher on the same rows, before the update changes the weights.
-        #    Every rank scores all its rows, so FSDP ranks run the same forwards.
-        credits = {"": credit}
-        if args.diagnostics_every > 0 and step % args.diagnostics_every == 0:
-            t1 = time.perf_counter()
-            answer_only = score_teacher(run, batch, [hsd_message(e, privileged_block(e, v, None, args.feedback),
-                                                                 args.teacher_instruction)
-                                                     for e, v in zip(batch.examples, batch.verdicts)],
-                                        args.max_teacher_prompt_tokens)
-            credits["_answer_only"] = token_credit(answer_only["logprobs"], old["logprobs"], mask)
-            metrics["perf/diagnostics_s"] = time.perf_counter() - t1
-        t_diag = time.perf_counter()
-
-        # 7. Update (distillation + beta KL, + the surrogate if --grpo-coef > 0), then the EMA teacher follows.
-        if kl:
-            row_inputs = {"paired_hidden": teacher["hidden"]}
-            forward_kwargs = {"paired_head": run.teacher_model.lm.lm_head,
-                              "paired_fn": functools.partial(token_kl, direction=args.kl_direction)}
-        else:
-            row_inputs = {"gather_index": old["topk_index"]} if logit else None
-            forward_kwargs = None
-        with unsharded(run.teacher if kl else None):  # a separate teacher's head is used inside the policy's forward
-            metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask} if kl or logit else None,
-                                stat_masks={"loss/distill": "distill"}, row_inputs=row_inputs, forward_kwargs=forward_kwargs)
-        if args.teacher == "ema":
-            ema_update(run.teacher, run.policy, args.ema_rate)
-        t_update = time.perf_counter()
-
-        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
-        metrics |= distillation_coverage(distilled, correct, args.group_size, step, run.d.is_main)
-        metrics |= hsd_metrics(correct.to(run.d.device), peers.to(run.d.device), args.group_size,
-                               batch.rollout.completion_ids, mask, credits, args.div_window)
-        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_diag}
-        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
-    run.close()
 
 
 if __name__ == "__main__":

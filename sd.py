@@ -1,30 +1,21 @@
 """On-policy self-distillation (SD): the policy, shown privileged context, is its own token-level teacher.
 
-Papers: SDPO, Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation" (arXiv 2601.20802);
-OPSD, Zhao et al. 2026, "Self-Distilled Reasoner" (arXiv 2601.18734); the token frame of AntiSD §2
-(Shen et al. 2026, arXiv 2605.11609). Source status: PRIMARY (the official code of SDPO and OPSD, the
-AntiSD paper's Appendix C). See docs/sd.md.
+Papers: SDPO, Hübotter et al. 2026 (arXiv 2601.20802); OPSD, Zhao et al. 2026 (arXiv 2601.18734); the
+token frame of AntiSD §2 (Shen et al. 2026, arXiv 2605.11609). Sources: their official code and
+AntiSD's Appendix C. See docs/sd.md.
 
-Idea: roll out and verify as in GRPO; then let the same network score the same completion tokens after
-a teacher prompt that also holds privileged context c (a successful peer, a reference solution, the
-environment's feedback). Where the teacher likes a token more than the student did, push it up:
+Idea: roll out and verify as in GRPO; the same network then scores the same completion tokens after a
+teacher prompt holding privileged context c (a successful peer, a reference solution, feedback):
 
     u_t       = log pi_T(y_t | x, c, y_<t) - log pi_old(y_t | x, y_<t)            (token log-ratio)
-    sum_t u_t = log pi(y | x, c) - log pi(y | x) = pMI(y; c | x)               (identity, shared weights)
-    token mode:  A_t = A_i + lam * u_t                                         (AntiSD Eq. 2-3, the frame)
-    logit mode:  L = grpo_coef * L_GRPO + lam_sd * mean_t w_t D_alpha(pS || pT)   (SDPO, OPSD)
-        D_alpha = (1-alpha) KL(S || M) + alpha KL(T || M),  M = (1-alpha) pS + alpha pT,
-        alpha = 0: KL(T || S), alpha = 1: KL(S || T); on the student's top-k + a tail bucket, or the
-        full vocabulary (--topk 0); w_t = min(exp(s_t - s_old_t), is_clip) detached;
-        the mean runs over distilled tokens only (SDPO distils only rows that have a peer or feedback).
+    token:    A_t = A_i + lam * u_t                                            (AntiSD Eq. 2-3, default)
+    logit:    L = grpo_coef * L_GRPO + lam_sd * mean_t w_t D_alpha(pS || pT)   (SDPO, OPSD)
+              D_alpha = (1-alpha) KL(S || M) + alpha KL(T || M), M = (1-alpha) pS + alpha pT, over the
+              student's top-k + a tail bucket or the full vocabulary (--topk 0); w_t = min(pi/pi_old, is_clip)
 
-Presets (`--preset`) set these fields, except those given on the command line:
-    sdpo  context sdpo, logit, grpo-coef 0, teacher ema 0.05, topk 100 (student's), jsd-alpha 0.5, is-clip 2
-    opsd  context opsd, logit, grpo-coef 0, teacher initial, topk 0 (full vocabulary), jsd-alpha 0.5
-The default (`--preset none`) is AntiSD's "default self-distillation": the token frame with AntiSD's
-teacher context, lam 0.5, the current policy as teacher. It is the default because it is the frame
-the other SD scripts modify (lam = 0 is grpo.py exactly, and antisd.py changes only the credit), so a
-comparison across scripts holds everything else fixed; SDPO and OPSD are one flag away.
+`--preset sdpo` (SDPO's context and masking, EMA teacher, top-100 JSD) and `--preset opsd` (the
+reference solution, the initial model as teacher, full-vocabulary JSD) set the papers' values where
+the command line leaves the defaults; `--preset none` is AntiSD's default self-distillation.
 
 Run:
     python sd.py                                  # the token frame on the toy task
@@ -44,15 +35,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common.args import TrainArgs, check, cli
+from common.args import ArgError, TrainArgs, check, cli
 from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce, unsharded
-from common.example import Example
+from common.example import Example, Verdict
 from common.run import setup
 from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
 from common.tracking import warn_once
-from common.update import MicroBatch, optimize
-from common.verifiers import Verdict
+from common.update import MicroBatch, Update
 
 PRESETS = {
     "sdpo": dict(context="sdpo", sd_loss="logit", grpo_coef=0.0, teacher="ema", ema_rate=0.05, topk=100,
@@ -66,7 +56,7 @@ class Args(TrainArgs):
     """On-policy self-distillation: the policy, shown a successful peer or a reference solution, is its own teacher."""
 
     preset: Literal["none", "sdpo", "opsd"] = "none"
-    """Published recipe (SDPO's or OPSD's official code): sets the fields below that the command line leaves at their defaults."""
+    """Published recipe (SDPO's or OPSD's official code): sets the fields below that the command line leaves default."""
 
     # The GRPO frame (grpo.py)
     adv_scale: Literal["group", "batch", "none"] = "group"
@@ -84,9 +74,9 @@ class Args(TrainArgs):
 
     # Self-distillation
     context: Literal["antisd", "sdpo", "opsd"] = "antisd"
-    """Teacher context: AntiSD's (a correct peer or the solution, then an assessment), SDPO's (a successful peer, else feedback; rows with neither are not distilled) or OPSD's (the reference solution)."""
+    """Teacher context: AntiSD's (a correct peer or the solution), SDPO's (a peer, else feedback), OPSD's (solution)."""
     env_feedback: bool = True
-    """SDPO context: show the environment's feedback on a failed attempt (code: the failing tests) when no peer succeeded."""
+    """SDPO context: show the environment's feedback on a failed attempt (code: failing tests) if no peer succeeded."""
     teacher: Literal["current", "ema", "initial"] = "current"
     """Teacher weights: the current policy, an EMA of it (SDPO), or the frozen initial model (OPSD)."""
     ema_rate: float = 0.05
@@ -119,90 +109,6 @@ class Args(TrainArgs):
         check(self.jsd_alpha, "jsd_alpha", 0, 1)
         check(self.topk, "topk", low=0)
         check(self.is_clip, "is_clip", low=0, low_open=True)
-
-
-# Same as grpo.py: apply_preset
-def apply_preset(args: Args) -> Args:
-    """Copy the named preset's values onto `args`, except onto fields the command line moved off their defaults."""
-    defaults = Args()
-    for key, value in PRESETS.get(args.preset, {}).items():
-        if getattr(args, key) == getattr(defaults, key):
-            setattr(args, key, value)
-    return args
-
-
-# ---------------------------------------------------------------------------------------------------
-# The GRPO frame: advantage, surrogate, KL, aggregation (copied from grpo.py, kept identical by a test).
-
-
-# Same as grpo.py: group_advantages
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """A_i = r_i - mean_g(r), divided by std_g(r) + 1e-4 (`group`), the batch std (`batch`) or 1 (`none`)."""
-    grouped = rewards.view(-1, group_size)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)  # unbiased std, as TRL
-    elif scale == "batch":
-        centred = centred / (rewards.std() + 1e-4)
-    return centred.reshape(-1)
-
-
-# Same as grpo.py: clipped_surrogate
-def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and the ratio rho."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
-    return -torch.minimum(unclipped, clipped), ratio
-
-
-# Same as grpo.py: k3_kl
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - s) - (ref - s) - 1 >= 0."""
-    diff = ref_logprobs - logprobs
-    return torch.exp(diff) - diff - 1
-
-
-# Same as grpo.py: aggregate
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: float, num_tokens: float,
-              max_new_tokens: int) -> torch.Tensor:
-    """Reduce a [b, T] loss over a micro-batch with denominators taken over the whole minibatch.
-
-    sequence: sum_i (sum_t l / |y_i|) / rows;  token: sum l / tokens;  constant: sum l / (rows * L_max).
-    """
-    masked = per_token * mask
-    if mode == "sequence":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_rows
-    if mode == "token":
-        return masked.sum() / num_tokens
-    if mode == "constant":
-        return masked.sum() / (num_rows * max_new_tokens)
-    raise ValueError(f"unknown loss aggregation {mode!r}")
-
-
-# Same as grpo.py: policy_loss
-def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
-                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
-
-    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
-    detached log-probs are pi_old and rho == 1.
-    """
-    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
-    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
-    per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
-    tokens = mb.tokens["completion"]
-    loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
-    stats = {"loss/policy": (per_token * m).sum(),
-             "policy/clip_frac_low": ((ratio < 1 - args.eps_low) & (adv < 0)).float().mul(m).sum(),
-             "policy/clip_frac_high": ((ratio > 1 + args.eps_high) & (adv > 0)).float().mul(m).sum(),
-             "policy/ratio_mean": (ratio.detach() * m).sum()}
-    if ref_logprobs is not None:
-        kl = k3_kl(logprobs, ref_logprobs[mb.rows])
-        loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
-        stats["loss/kl"] = (kl * m).sum()
-    return loss, stats
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,24 +193,6 @@ def opsd_message(example: Example) -> TeacherMessage:
         "Please reason step by step, and put your final answer within \\boxed{}.")
 
 
-# Same as antisd.py: correctness_sentence
-def correctness_sentence(example: Example, verdict: Verdict) -> str:
-    """AntiSD's assessment of the row's own attempt: binary for math, the tests passed for code (Appendix C)."""
-    if example.task == "code":
-        m = len(example.tests or [])
-        return f"Your code passes {round(verdict.reward * m)} of {m} test cases."
-    return "Your answer is correct." if verdict.correct else "Your answer is incorrect."
-
-
-# Same as antisd.py: antisd_message
-def antisd_message(example: Example, verdict: Verdict, peer: str | None) -> TeacherMessage:
-    """AntiSD's teacher context (Appendix C): a verified solution (a correct peer, else the reference), the assessment."""
-    return TeacherMessage(f"{example.prompt}\n\nYour previous attempt:\n",
-                          peer if peer is not None else reference_solution(example),
-                          f"\n\nPrevious assessment: {correctness_sentence(example, verdict)}\n"
-                          "Now solve this problem step by step.")
-
-
 def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """u = t - s_old on completion tokens, 0 on padding (all detached)."""
     return (teacher_logprobs - old_logprobs).detach() * mask
@@ -373,8 +261,8 @@ def main(args: Args) -> None:
     args = apply_preset(args)
     logit, full_vocab = args.sd_loss == "logit", args.sd_loss == "logit" and args.topk == 0
     if full_vocab and args.teacher == "current" and args.ppo_epochs * args.num_minibatches > 1:
-        raise ValueError("--topk 0 with --teacher current reads the teacher's LM head inside the update, so it needs "
-                         "one update per batch: drop --ppo-epochs/--num-minibatches, or use --teacher ema/initial")
+        raise ArgError("--topk 0 with --teacher current reads the teacher's LM head inside the update, so it needs "
+                       "one update per batch: drop --ppo-epochs/--num-minibatches, or use --teacher ema/initial")
     run = setup(args, "sd", teacher_weights=args.teacher, reference=args.beta > 0)
     for step in range(run.start_step, args.total_steps):
         metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
@@ -398,38 +286,35 @@ def main(args: Args) -> None:
 
         # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t); logit mode: also its
         #    log-probs at the student's top-k + the tail bucket, or (full vocabulary) its final hidden states.
-        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, gather_index=old.get("topk_index"),
-                                return_hidden=full_vocab)
+        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens,
+                                gather_index=old.get("topk_index"), return_hidden=full_vocab)
         t_teach = time.perf_counter()
 
-        # 5. Credit u = t - s_old on distilled rows; token advantage A_t = A_i + lam * u (token mode) or a
-        #    distillation loss over the distilled tokens (logit mode).
+        # 5. Credit u = t - s_old on distilled rows; token mode: A_t = A_i + lam * u (logit mode: A_t = A_i).
         credit = token_credit(teacher["logprobs"], old["logprobs"], distill_mask)
-        if logit:
-            token_advantages = advantages[:, None].expand_as(mask).contiguous()
-        else:
-            token_advantages = advantages[:, None] + args.lam * credit
+        token_advantages = advantages[:, None] + (0.0 if logit else args.lam) * credit
 
-        def loss_fn(mb: MicroBatch):
-            loss, stats = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
-            if logit:
-                divergence = mb.out["paired"] if full_vocab else \
-                    generalized_jsd(mb.out["gathered"], teacher["gathered"][mb.rows], args.jsd_alpha)
-                distill, stats["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence, distill_mask)
-                loss = loss + distill
-            return loss, stats
-
-        # 6. Clipped-surrogate update (+ distillation), then the EMA teacher follows.
-        if full_vocab:  # the teacher's head applied inside the update's chunks: no [B, T, V] tensor
-            row_inputs = {"paired_hidden": teacher["hidden"]}
-            forward_kwargs = {"paired_head": run.teacher_model.lm.lm_head,
-                              "paired_fn": functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)}
-        else:
-            row_inputs, forward_kwargs = ({"gather_index": old["topk_index"]} if logit else None), None
+        # 6. Update: the clipped surrogate, + lam_sd * the distillation loss (logit mode); the EMA teacher follows.
+        #    Full vocabulary: the teacher's LM head runs on its hidden states inside the student's chunks.
+        paired = dict(paired_head=run.teacher_model.lm.lm_head,
+                      paired_fn=functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)) if full_vocab else {}
+        update = Update(run, batch, step, token_masks={"distill": distill_mask})
         with unsharded(run.teacher if full_vocab else None):
-            metrics |= optimize(run, batch, loss_fn, step, token_masks={"distill": distill_mask} if logit else None,
-                                stat_masks={"loss/distill": "distill"}, row_inputs=row_inputs,
-                                forward_kwargs=forward_kwargs)
+            for minibatch in update.minibatches():
+                for rows in minibatch.split(args.micro_batch_rows):
+                    mb = update.forward(rows, gather_index=old.get("topk_index"), paired_hidden=teacher.get("hidden"),
+                                        **paired)
+                    loss, sums = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+                    if logit:  # D_alpha(S_t || T_t) per token
+                        divergence = mb.out["paired"] if full_vocab else \
+                            generalized_jsd(mb.out["gathered"], teacher["gathered"][mb.rows], args.jsd_alpha)
+                        distill, sums["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence,
+                                                                          distill_mask)
+                        loss = loss + distill
+                    loss.backward()
+                    update.log(sums)
+                update.step()
+        metrics |= update.metrics({"loss/distill": "distill"})
         if args.teacher == "ema":
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
@@ -439,6 +324,108 @@ def main(args: Args) -> None:
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
         run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
     run.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Copies of small functions another script defines (kept identical by tests/test_layout.py).
+
+
+# Same as grpo.py: apply_preset
+def apply_preset(args: Args) -> Args:
+    """Copy the named preset's values onto `args`, except onto fields the command line moved off their defaults."""
+    defaults = Args()
+    for key, value in PRESETS.get(args.preset, {}).items():
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
+    return args
+
+
+# Same as grpo.py: group_advantages
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """A_i = r_i - mean_g(r), divided by std_g(r) + 1e-4 (`group`), the batch std (`batch`) or 1 (`none`)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)  # unbiased std, as TRL
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)
+    return centred.reshape(-1)
+
+
+# Same as grpo.py: clipped_surrogate
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and the ratio rho."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), ratio
+
+
+# Same as grpo.py: k3_kl
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - s) - (ref - s) - 1 >= 0."""
+    diff = ref_logprobs - logprobs
+    return torch.exp(diff) - diff - 1
+
+
+# Same as grpo.py: aggregate
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: float, num_tokens: float,
+              max_new_tokens: int) -> torch.Tensor:
+    """Reduce a [b, T] loss over a micro-batch with denominators taken over the whole minibatch.
+
+    sequence: sum_i (sum_t l / |y_i|) / rows;  token: sum l / tokens;  constant: sum l / (rows * L_max).
+    """
+    masked = per_token * mask
+    if mode == "sequence":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_rows
+    if mode == "token":
+        return masked.sum() / num_tokens
+    if mode == "constant":
+        return masked.sum() / (num_rows * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# Same as grpo.py: policy_loss
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
+
+    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
+    detached log-probs are pi_old and rho == 1.
+    """
+    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
+    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
+    tokens = mb.tokens["completion"]
+    loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+    stats = {"loss/policy": (per_token * m).sum(),
+             "policy/clip_frac_low": ((ratio < 1 - args.eps_low) & (adv < 0)).float().mul(m).sum(),
+             "policy/clip_frac_high": ((ratio > 1 + args.eps_high) & (adv > 0)).float().mul(m).sum(),
+             "policy/ratio_mean": (ratio.detach() * m).sum()}
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, ref_logprobs[mb.rows])
+        loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
+        stats["loss/kl"] = (kl * m).sum()
+    return loss, stats
+
+
+# Same as antisd.py: correctness_sentence
+def correctness_sentence(example: Example, verdict: Verdict) -> str:
+    """AntiSD's assessment of the row's own attempt: binary for math, the tests passed for code (Appendix C)."""
+    if example.task == "code":
+        m = len(example.tests or [])
+        return f"Your code passes {round(verdict.reward * m)} of {m} test cases."
+    return "Your answer is correct." if verdict.correct else "Your answer is incorrect."
+
+
+# Same as antisd.py: antisd_message
+def antisd_message(example: Example, verdict: Verdict, peer: str | None) -> TeacherMessage:
+    """AntiSD's teacher context (Appendix C): a verified solution (a correct peer, else the reference), assessed."""
+    return TeacherMessage(f"{example.prompt}\n\nYour previous attempt:\n",
+                          peer if peer is not None else reference_solution(example),
+                          f"\n\nPrevious assessment: {correctness_sentence(example, verdict)}\n"
+                          "Now solve this problem step by step.")
 
 
 if __name__ == "__main__":

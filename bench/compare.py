@@ -38,8 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (script, its flags): the five algorithms with their defaults (each paper's recipe; sd.py's is AntiSD's token
-# frame), sd.py's logit mode and its two published presets (SDPO's and OPSD's official recipes), and HSD's context
-# in the SD frame (the advantage A_i + lam * credit).
+# frame), sd.py's logit mode and its two published presets (SDPO's and OPSD's official recipes), and HSD with a
+# GRPO reward term beside its distillation (the remedy sources recommend against drift).
 CONFIGS = {
     "grpo": ("grpo", []),
     "sd": ("sd", []),
@@ -49,7 +49,7 @@ CONFIGS = {
     "credit": ("credit", []),
     "antisd": ("antisd", []),
     "hsd": ("hsd", []),
-    "hsd-frame": ("hsd", ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0"]),
+    "hsd-grpo": ("hsd", ["--grpo-coef", "1"]),
 }
 # --real: each script's own defaults (its paper's recipe) on SmolLM2-135M with LoRA (OPSD's r = 64, alpha 128) at
 # lr 2e-5, at the size this CPU affords in about an hour (README's CPU recipe), greedy eval of 200 problems. OPSD's
@@ -99,7 +99,8 @@ def run_one(algorithm: str, seed: int, steps: int, eval_every: int, out: Path, e
             return rows
     script, flags = CONFIGS[algorithm]
     cmd = [sys.executable, str(ROOT / f"{script}.py"), *flags, "--seed", str(seed), "--total-steps", str(steps),
-           "--eval-every", str(eval_every), "--output-dir", str(run_dir), "--resume" if reuse else "--overwrite", *extra]
+           "--eval-every", str(eval_every), "--output-dir", str(run_dir),
+           "--resume" if reuse else "--overwrite", *extra]
     started = time.perf_counter()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
@@ -134,7 +135,8 @@ def plot(results: dict[str, dict[int, list[dict]]], out: Path, eval_label: str) 
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for algorithm, by_seed in results.items():
-        evals = {seed: [(r["step"], t, r["eval/accuracy"]) for r, t in zip(rows, wall_times(rows)) if "eval/accuracy" in r]
+        evals = {seed: [(r["step"], t, r["eval/accuracy"])
+                        for r, t in zip(rows, wall_times(rows)) if "eval/accuracy" in r]
                  for seed, rows in by_seed.items()}
         steps = [s for s, _, _ in next(iter(evals.values()))]
         accs = [[e[i][2] for e in evals.values()] for i in range(len(steps))]

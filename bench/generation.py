@@ -5,7 +5,7 @@ For a batch of P prompts x G samples it times, each `--repeats` times (median):
 * `generate` with each prompt prefilled once for its group (`shared_prompt_cache`, the default), and as plain
   `generate` runs it (every row's prompt in full): the baseline of the prompt sharing;
 * the update: the policy's forward on the batch with the group's prompt run once (`Policy.forward` with
-  `group_size`), backward of the summed log-probs and an AdamW step, as `common.update.optimize` runs it;
+  `group_size`), backward of the summed log-probs and an AdamW step, as `common.update.Update` runs it;
 * the matrix products that work needs, alone: each linear layer of the model (and the LM head where logits are
   needed) applied with `F.linear` to inputs of the real shapes, in the model's order, and for the update the
   two backward products (input and weight gradients) too. Attention score products are left out (at these

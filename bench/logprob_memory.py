@@ -62,7 +62,8 @@ def main() -> None:
             naive = measure("naive", rows, a.length, a.vocab, a.hidden, a.chunk, grad)
             chunked = measure("chunked", rows, a.length, a.vocab, a.hidden, a.chunk, grad)
             topk = measure("topk", rows, a.length, a.vocab, a.hidden, a.chunk, grad)
-            print(f"{rows:>5} {str(grad):>5} {naive:>10.0f} {chunked:>11.0f} {chunked / naive:>14.3f} {topk / naive:>17.3f}")
+            print(f"{rows:>5} {str(grad):>5} {naive:>10.0f} {chunked:>11.0f} "
+                  f"{chunked / naive:>14.3f} {topk / naive:>17.3f}")
 
 
 if __name__ == "__main__":

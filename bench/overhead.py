@@ -73,8 +73,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--model", default="toy")
-    p.add_argument("--real", action="store_true", help="SmolLM2-135M on compare.py --real's task with its shared "
-                                                       "settings (LoRA, no evaluation, no checkpoints); overrides --model")
+    p.add_argument("--real", action="store_true",
+                   help="SmolLM2-135M on compare.py --real's task with its shared "
+                        "settings (LoRA, no evaluation, no checkpoints); overrides --model")
     a = p.parse_args()
     common = ["--model", a.model, "--seed", "1"]
     if a.real:

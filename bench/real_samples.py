@@ -35,7 +35,8 @@ from common.verifiers import verify  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, help="a run's output directory (args.json, eval_scores.jsonl, checkpoint/)")
-    p.add_argument("--count", type=int, default=5, help="problems that improved to show (and half as many that got worse)")
+    p.add_argument("--count", type=int, default=5,
+                   help="problems that improved to show (and half as many that got worse)")
     a = p.parse_args()
     args = json.loads((a.run_dir / "args.json").read_text())
     evaluations = [json.loads(line) for line in (a.run_dir / "eval_scores.jsonl").read_text().splitlines()]
@@ -67,7 +68,8 @@ def main() -> None:
                              temperature=0.0).texts
         for i, text in zip(chosen, texts):
             print(json.dumps({"policy": who, "eval_step": evaluation["step"], "problem": i, "question": evals[i].prompt,
-                              "gold": evals[i].answer, "completion": text, "score": float(verify(evals[i], text).correct),
+                              "gold": evals[i].answer, "completion": text,
+                              "score": float(verify(evals[i], text).correct),
                               "recorded": evaluation["scores"][i]}), flush=True)
 
 

@@ -68,8 +68,8 @@ def context_messages(context: str, batch: SimpleNamespace, group_size: int, seed
     correct = torch.tensor([v.correct for v in batch.verdicts])
     peers = hsd.choose_peers(correct, group_size, "random", torch.Generator().manual_seed(seed)).tolist()
     instruction = hsd.Args().teacher_instruction
-    return [hsd.hsd_message(e, hsd.privileged_block(e, v, batch.rollout.texts[p] if p >= 0 else None, False),
-                            instruction) for e, v, p in zip(batch.examples, batch.verdicts, peers)], \
+    return [hsd.hsd_message(e, hsd.privileged_block(e, batch.rollout.texts[p] if p >= 0 else None), instruction)
+            for e, p in zip(batch.examples, peers)], \
         torch.ones(len(peers), dtype=torch.bool)
 
 
@@ -109,7 +109,8 @@ def main() -> None:
     student = scores(r.prompt_ids, r.prompt_mask)
     groups = correct.view(-1, a.group_size).any(-1)
     print(f"\n{a.model} on {a.dataset}: {a.num_prompts} prompts x {a.group_size} samples at T={a.temperature:g}, "
-          f"{a.max_new_tokens} new tokens: {correct.sum().item()} correct, {groups.sum().item()} of {len(groups)} groups "
+          f"{a.max_new_tokens} new tokens: {correct.sum().item()} correct, "
+          f"{groups.sum().item()} of {len(groups)} groups "
           f"with a success, {ended.sum().item()} ended, mean length {statistics.mean(mask.sum(-1).tolist()):.1f}")
     credits, rows = {}, {}
     for context in a.contexts:

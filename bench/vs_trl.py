@@ -80,7 +80,8 @@ def trl_worker(a: argparse.Namespace) -> None:
     tokenizer.padding_side = "left"
     model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
     examples = load_examples("toy", "train")
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": e.prompt}], "answer": e.answer} for e in examples])
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": e.prompt}], "answer": e.answer}
+                                 for e in examples])
 
     def toy_reward(completions, answer, **kwargs) -> list[float]:
         return [toy_verify(c[0]["content"], ans).reward for c, ans in zip(completions, answer)]
@@ -163,14 +164,15 @@ def main() -> None:
     if importlib.util.find_spec("trl") is None:
         print(INSTALL_HINT, file=sys.stderr)
         sys.exit(1)
-    import trl
     import torch
+    import trl
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model = resolve_model(a, tmp)
         print(f"model {model} | P={a.num_prompts} G={a.group_size} max_new_tokens={a.max_new_tokens} "
-              f"lr={a.learning_rate} seed={a.seed} | {a.rounds} rounds x ({a.warmup} warm-up + {a.steps} timed steps) | "
+              f"lr={a.learning_rate} seed={a.seed} | "
+              f"{a.rounds} rounds x ({a.warmup} warm-up + {a.steps} timed steps) | "
               f"trl {trl.__version__}, torch {torch.__version__}, "
               f"{a.threads if a.threads > 0 else torch.get_num_threads()} thread(s) per side", flush=True)
         shared = ["--num-prompts", str(a.num_prompts), "--group-size", str(a.group_size),
@@ -182,7 +184,8 @@ def main() -> None:
             # TRL
             out, log = tmp / f"trl{r}.json", tmp / f"trl{r}.log"
             code, peak = run_child([sys.executable, str(Path(__file__).resolve()), "--worker", "trl", *shared,
-                                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out)], log, a.threads)
+                                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out)],
+                                   log, a.threads)
             if code != 0 or not out.exists():
                 fail("TRL", log)
             res = json.loads(out.read_text())

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from common import errors
+from common.errors import UserError
 
-class ArgError(ValueError):
+
+class ArgError(UserError):
     """A command-line value the run cannot use; its message is one line that names the flag."""
 
 
@@ -232,6 +235,9 @@ class TrainArgs:
             check(self.lora_alpha, "lora_alpha", low=0, low_open=True)
         if not self.lora_targets.strip(" ,"):
             fail("lora_targets", "all-linear or comma-separated module names", self.lora_targets)
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets != "all-linear"):
+            flag = "lora_alpha" if self.lora_alpha is not None else "lora_targets"
+            fail(flag, "given only with --lora-rank", getattr(self, flag), why="without adapters it has no effect")
         check(self.save_every, "save_every", low=0)
         check(self.sample_every, "sample_every", low=0)
 
@@ -262,10 +268,12 @@ def cli(cls: type[T], args: list[str] | None = None, **tyro_kwargs: Any) -> T:
     """Parse the command line with tyro, validate it and check the run directory, before anything heavy loads.
 
     A bad value prints one line `error: --flag must be ... (got X)` to stderr and exits with code 2 (tyro's own
-    errors, such as an unknown flag, also exit with 2).
+    errors, such as an unknown flag, also exit with 2); so does any `UserError` the run raises later.
     """
     global validate_on_init
     import tyro
+
+    sys.excepthook = errors.report  # a UserError raised later in the run is one `error:` line too; Ctrl-C is one line
 
     validate_on_init = False
     try:

@@ -45,7 +45,8 @@ def collect_batch(run, shape_rewards: RewardShaping | None = None) -> Batch:
     parts, examples, verdicts, rewards, informative, sampled = [], [], [], [], [], 0
     for _ in range(a.max_sampling_rounds if a.dynamic_sampling else 1):
         prompts = run.sampler.take(P)
-        r = generate(run.policy, run.tokenizer, render_prompts(run.tokenizer, [e.prompt for e in prompts], a.enable_thinking),
+        r = generate(run.policy, run.tokenizer,
+                     render_prompts(run.tokenizer, [e.prompt for e in prompts], a.enable_thinking),
                      G, a.max_new_tokens, a.temperature, a.top_p, autocast=run.d.autocast)
         v = [verify(e, text) for e, text in zip([e for e in prompts for _ in range(G)], r.texts)]
         rew = torch.tensor([x.reward for x in v], dtype=torch.float32)
@@ -62,7 +63,8 @@ def collect_batch(run, shape_rewards: RewardShaping | None = None) -> Batch:
             break
     rollout, rewards = concat_rollouts(parts, run.tokenizer.pad_token_id), torch.cat(rewards)
     # Informative groups first, then (if rounds ran out) uninformative ones, so every step has P groups.
-    starts = informative[:P] + [s for s in range(0, len(examples), G) if s not in informative][: P - len(informative[:P])]
+    starts = informative[:P] + [s for s in range(0, len(examples), G)
+                                if s not in informative][: P - len(informative[:P])]
     rows = [s + j for s in sorted(starts) for j in range(G)] if a.dynamic_sampling else list(range(len(examples)))
     return Batch(select_rows(rollout, rows), [examples[i] for i in rows], [verdicts[i] for i in rows],
                  rewards[rows], sampled)
@@ -90,7 +92,8 @@ def batch_metrics(run, batch: Batch, advantages: torch.Tensor) -> dict[str, floa
     zero_std = (rewards.view(-1, G).std(dim=1) == 0).float()
     lengths = r.lengths.float().cpu()
     local = torch.stack([rewards.mean(), (rewards ** 2).mean(), correct.mean(), zero_std.mean(), lengths.mean(),
-                         r.truncated.float().mean().cpu(), advantages.abs().mean(), torch.tensor(batch.sampled_groups / run.local_prompts)])
+                         r.truncated.float().mean().cpu(), advantages.abs().mean(),
+                         torch.tensor(batch.sampled_groups / run.local_prompts)])
     mean = all_reduce(local) / run.d.world_size
     return {"reward/mean": mean[0].item(), "reward/std": math.sqrt(max(mean[1].item() - mean[0].item() ** 2, 0.0)),
             "reward/accuracy": mean[2].item(), "reward/frac_zero_std": mean[3].item(),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.errors import UserError
 from common.models import has_adapters
 
 # torch.distributed.checkpoint is imported inside the functions that use it: it costs about 0.7 s, which a
@@ -61,7 +62,7 @@ def set_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], whe
     adapters = has_adapters(module)
     if adapters != all("lora_" in k for k in state):
         saved, now = ("LoRA adapters", "all weights") if not adapters else ("all weights", "LoRA adapters")
-        raise ValueError(f"{where} holds {saved}, but this run trains {now}: resume with the same --lora-rank")
+        raise UserError(f"{where} holds {saved}, but this run trains {now}: resume with the same --lora-rank")
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=not adapters)
     misfit = f"{where}: its adapters do not fit this run's (another --lora-rank or --lora-targets?)"
     try:
@@ -69,10 +70,10 @@ def set_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], whe
     except RuntimeError as e:  # shapes differ: another rank
         if not adapters:
             raise
-        raise ValueError(f"{misfit}: {str(e).strip().splitlines()[-1].strip()}") from None
+        raise UserError(f"{misfit}: {str(e).strip().splitlines()[-1].strip()}") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if adapters and (result.unexpected_keys or missing):
-        raise ValueError(f"{misfit}: unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
+        raise UserError(f"{misfit}: unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
 
 
 def export_hf(policy: torch.nn.Module, tokenizer, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:

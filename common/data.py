@@ -11,14 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from common.errors import UserError
 from common.example import Example
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset problem the user can fix (bad path, unknown name, malformed row)."""
 
 
-LOCAL_FIELDS = {"prompt": str, "answer": (str, int, float), "solution": (str, type(None)), "tests": (list, type(None)), "task": str}
+LOCAL_FIELDS = {"prompt": str, "answer": (str, int, float), "solution": (str, type(None)), "tests": (list, type(None)),
+                "task": str}
 
 
 def example_from_row(row: dict, where: str, default_task: str = "math") -> Example:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from common.example import Example
 from common.dist import Dist, all_reduce, gather_floats
+from common.example import Example
 from common.prompts import render_prompts
 from common.rollout import generate
 from common.verifiers import verify
@@ -27,10 +27,11 @@ def evaluate(policy, tokenizer, examples: list[Example], d: Dist, max_new_tokens
         correct += ok.mean(1).sum()
         per_problem.append(ok.mean(1))
         passk += ok.amax(1).sum()
-        reward += torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(len(batch), samples).mean(1).sum()
+        reward += torch.tensor([v.reward for v in verdicts],
+                               dtype=torch.float64).view(len(batch), samples).mean(1).sum()
         if i == 0:
-            table = [{"prompt": e.prompt, "completion": rollout.texts[j * samples], "reward": verdicts[j * samples].reward}
-                     for j, e in enumerate(batch[:4])]
+            table = [{"prompt": e.prompt, "completion": rollout.texts[j * samples],
+                      "reward": verdicts[j * samples].reward} for j, e in enumerate(batch[:4])]
     totals = all_reduce(torch.stack([correct, passk, reward, torch.tensor(float(len(mine)), dtype=torch.float64)]))
     n = totals[3].clamp(min=1)
     metrics = {"eval/accuracy": (totals[0] / n).item(), "eval/reward": (totals[2] / n).item(),

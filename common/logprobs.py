@@ -155,7 +155,8 @@ def score_completions(policy: torch.nn.Module, prompt_ids: torch.Tensor, prompt_
     T, parts = completion_ids.shape[1], []
     for i in range(0, ids.shape[0], micro_rows):
         g = gather_index[i:i + micro_rows] if gather_index is not None else None
-        parts.append(policy(ids[i:i + micro_rows], mask[i:i + micro_rows], T, temperature, chunk_size, gather_index=g, **stats))
+        parts.append(policy(ids[i:i + micro_rows], mask[i:i + micro_rows], T, temperature, chunk_size,
+                            gather_index=g, **stats))
     if hasattr(policy, "reshard"):  # FSDP2 keeps the root unsharded after forward; free it between passes
         policy.reshard()
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

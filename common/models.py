@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from common.errors import ModelNotFound, UserError
 from common.logprobs import token_stats
 
 if TYPE_CHECKING:  # transformers is imported where a model or tokenizer loads: parsing arguments never waits for it
@@ -144,10 +145,10 @@ def resolve_model_path(name: str) -> str:
         from common.toy import TOY_MODEL_DIR
 
         if not (TOY_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(f"toy checkpoint missing at {TOY_MODEL_DIR}: run `python -m common.toy`")
+            raise ModelNotFound(f"toy checkpoint missing at {TOY_MODEL_DIR}: run `python -m common.toy`")
         return str(TOY_MODEL_DIR)
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"model path not found: {name}")
+        raise ModelNotFound(f"model path not found: {name}")
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
@@ -178,14 +179,14 @@ def add_lora(lm: nn.Module, rank: int, alpha: float, targets: str) -> None:
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
-        raise ImportError("--lora-rank needs peft: pip install peft") from None
+        raise UserError("--lora-rank needs peft: pip install peft") from None
     modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, task_type="CAUSAL_LM",
                         base_model_name_or_path=lm.config._name_or_path)
     try:
         inject_adapter_in_model(config, lm)
     except ValueError as e:  # peft names the modules it could not find
-        raise ValueError(f"--lora-targets {targets}: {e}") from None
+        raise UserError(f"--lora-targets {targets}: {e}") from None
     for name, param in lm.named_parameters():
         param.requires_grad_("lora_" in name)
 
@@ -232,9 +233,10 @@ def load_policy(name: str, device: torch.device, gradient_checkpointing: bool = 
     grouped_attention_on_cpu(device)
     keep_freed_memory_on_cpu(device)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention_implementation())
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                  attn_implementation=attention_implementation())
     except OSError as e:
-        raise FileNotFoundError(f"could not load model '{name}': {e}") from None
+        raise ModelNotFound(f"could not load model '{name}': {e}") from None
     if lora_rank > 0:
         add_lora(lm, lora_rank, lora_alpha if lora_alpha is not None else 2.0 * lora_rank, lora_targets)
     if gradient_checkpointing:

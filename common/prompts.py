@@ -15,7 +15,8 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, messages: list[str], enab
                                           enable_thinking=enable_thinking) for m in messages]
 
 
-def tokenize_left(tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_left(tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and mask of already rendered texts (no extra special tokens)."""
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return enc.input_ids.to(device), enc.attention_mask.to(device)

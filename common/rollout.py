@@ -44,7 +44,8 @@ class Rollout:
         return self.completion_mask.sum(-1)
 
 
-def completion_masks(ids: torch.Tensor, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def completion_masks(ids: torch.Tensor, eos_ids: list[int],
+                     pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut each row after its first EOS: (ids padded after EOS, mask incl. EOS, truncated flags)."""
     is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device))
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
@@ -114,7 +115,8 @@ def generate(policy: Policy, tokenizer: PreTrainedTokenizerBase, prompts: list[s
     unique_ids, unique_mask = tokenize_left(tokenizer, prompts, device)
     prompt_ids, prompt_mask = unique_ids.repeat_interleave(group_size, 0), unique_mask.repeat_interleave(group_size, 0)
     gen_eos = policy.lm.generation_config.eos_token_id
-    eos_ids = sorted({tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])})
+    eos_ids = sorted({tokenizer.eos_token_id,
+                      *(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])})
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
                               top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
                               eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True)

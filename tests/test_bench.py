@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_compare_quick_pipeline(tmp_path):
     # Four of the configurations (the learning tests train every one): those whose diagnostics are checked.
-    chosen = ["grpo", "credit", "hsd", "hsd-frame"]
+    chosen = ["grpo", "credit", "hsd", "hsd-grpo"]
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--quick", "--jobs", "2",
                            "--algorithms", *chosen, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -25,8 +25,9 @@ def test_compare_quick_pipeline(tmp_path):
         assert abs(float(r["gain_mean"]) - (last - first)) < 1e-4 and r["seeds"] == "1"
         assert 0 <= first <= 1 and 0 <= last <= 1
     diagnostics = {(r["algorithm"], r["metric"]) for r in csv.DictReader((tmp_path / "diagnostics.csv").open())}
-    assert ("hsd", "hsd/abs_credit_near_div_answer_only") in diagnostics and ("credit", "credit/contrast_mean") in diagnostics
-    assert ("hsd-frame", "hsd/credit_mass_near_div") in diagnostics
+    assert (("hsd", "hsd/abs_credit_near_div_answer_only") in diagnostics
+            and ("credit", "credit/contrast_mean") in diagnostics)
+    assert ("hsd-grpo", "hsd/credit_mass_near_div") in diagnostics
     for png in ("curves.png", "diagnostics.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # --reuse reads the finished runs back instead of training again: the same summary, no new run.
@@ -100,7 +101,8 @@ def test_real_samples_regenerates_the_recorded_verdicts(tmp_path):
     assert changed, "the run should move some greedy answer at this learning rate"
     base = [r for r in rows if r["policy"] == "base"]
     final = [r for r in rows if r["policy"] == "final"]
-    assert [r["problem"] for r in base] == [r["problem"] for r in final] and set(r["problem"] for r in base) <= set(changed)
+    assert ([r["problem"] for r in base] == [r["problem"] for r in final]
+            and set(r["problem"] for r in base) <= set(changed))
     assert base and all(r["score"] == r["recorded"] for r in rows), rows
     assert all(b["recorded"] != f["recorded"] for b, f in zip(base, final))
 
@@ -108,7 +110,8 @@ def test_real_samples_regenerates_the_recorded_verdicts(tmp_path):
 def test_overhead_table_gives_ratios_and_lengths():
     """bench/overhead.py times each configuration against grpo.py and prints their completion lengths."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--steps", "2", "--rounds", "1",
-                           "--only", "grpo", "sd-token", "antisd"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--only", "grpo", "sd-token", "antisd"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
             if line.split() and line.split()[0] in ("grpo", "sd-token", "antisd")}
@@ -137,6 +140,7 @@ def test_real_recipes_parse_with_their_scripts(tmp_path):
 
     sys.path.insert(0, str(ROOT / "bench"))
     import compare
+
     from common.args import cli
 
     for script in compare.REAL_SCRIPTS:
@@ -144,7 +148,7 @@ def test_real_recipes_parse_with_their_scripts(tmp_path):
         args = cli(importlib.import_module(script).Args, args=flags)
         assert args.lora_rank == 64 and args.eval_size == 200 and args.eval_temperature == 0
         if script == "hsd":
-            assert args.teacher_instruction == "" and args.feedback is False
+            assert args.teacher_instruction == ""
         if script == "sd":
             assert args.lam == 0.1  # its token credit at a fifth of the default
 
@@ -169,16 +173,18 @@ def test_teacher_signal_summary_against_explicit_sums():
     assert abs(s["u_eos"] - sum(eos) / len(eos)) < 1e-5
     some = torch.tensor([True, True, False, False, True, False])  # a context that distils rows 0, 1, 4 only
     s = credit_summary(u * mask, mask, correct, ended, some)
-    assert s["rows"] == 3 and abs(s["pmi_correct"] - pmi[0]) < 1e-5 and abs(s["pmi_wrong"] - (pmi[1] + pmi[4]) / 2) < 1e-5
+    assert (s["rows"] == 3 and abs(s["pmi_correct"] - pmi[0]) < 1e-5
+            and abs(s["pmi_wrong"] - (pmi[1] + pmi[4]) / 2) < 1e-5)
     assert abs(s["u_token"] - (pmi[0] + pmi[1] + pmi[4]) / (5 + 3 + 2)) < 1e-5
     assert abs(s["u_eos"] - (u[0, 4].item() + u[1, 2].item() + u[4, 1].item()) / 3) < 1e-5
 
 
 def test_teacher_signal_quick_prints_every_context():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "teacher_signal.py"), "--model", "toy", "--dataset", "toy",
-                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "teacher_signal.py"), "--model", "toy",
+                           "--dataset", "toy", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["sdpo"], ["opsd"], ["antisd"], ["hsd"])]
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.split()[:1] in (["sdpo"], ["opsd"], ["antisd"], ["hsd"])]
     assert [r[0] for r in rows] == ["sdpo", "opsd", "antisd", "hsd"] and all(int(r[1]) <= 8 for r in rows)
     assert [int(r[1]) for r in rows[1:]] == [8, 8, 8]  # every row but SDPO's peerless ones is distilled
 

@@ -7,19 +7,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import tyro
+from test_sd import run_script
 
 import credit
 import sd
 from common import batch as batch_module
 from common.batch import Batch, score_rollout
 from common.dist import Dist
+from common.example import Example
 from common.logprobs import score_completions, token_stats
 from common.prompts import render_prompts
 from common.rollout import generate
-from common.example import Example
 from common.teacher import score_teacher
 from common.verifiers import Verdict
-from test_sd import run_script
 
 PROBLEMS = ["Compute 12+34.", "Compute 5+67+8+9.", "Compute 1+2."]
 G = 2
@@ -53,7 +53,8 @@ def test_partners_are_a_seeded_derangement_over_groups():
     for k in range(K):  # each k is a permutation of the groups
         assert sorted(partners[::G, k].tolist()) == list(range(P))
     assert torch.equal(partners, credit.contrast_partners(P, G, K, (1, 0, 7)))
-    draws = {tuple(credit.contrast_partners(P, G, 1, (seed, 0, step))[::G, 0].tolist()) for seed in (1, 2) for step in range(4)}
+    draws = {tuple(credit.contrast_partners(P, G, 1, (seed, 0, step))[::G, 0].tolist())
+             for seed in (1, 2) for step in range(4)}
     assert len(draws) > 1
     # K > P-1 cycles through the other groups again, still never the own one.
     assert (credit.contrast_partners(2, 3, 4, 0) == (1 - torch.arange(2)).repeat_interleave(3)[:, None]).all()
@@ -133,9 +134,11 @@ def test_the_contrast_swaps_only_the_problem_and_one_call_matches_separate_unpad
     for j, (i, q) in enumerate(zip(rows * 2, problems)):
         assert q // G != i // G  # never the row's own problem
         message = credit.sdpo_message(PROBLEMS[q // G], *contexts[i])
-        assert message.text == f"{PROBLEMS[q // G]}\nCorrect solution:\n\n{r.texts[i + 1]}\n\nCorrectly solve the original question."
+        assert message.text == (f"{PROBLEMS[q // G]}\nCorrect solution:\n\n{r.texts[i + 1]}\n\n"
+                                "Correctly solve the original question.")
         n = int(mask[i].sum())
-        p = torch.tensor(tokenizer(render_prompts(tokenizer, [message.text])[0], add_special_tokens=False).input_ids)[None]
+        p = torch.tensor(tokenizer(render_prompts(tokenizer, [message.text])[0],
+                                   add_special_tokens=False).input_ids)[None]
         y = r.completion_ids[i, :n][None]
         want = score_completions(policy, p, torch.ones_like(p), y, torch.ones_like(y), 1.0, 1024, 1,
                                  gather_index=old["topk_index"][i, :n][None])
@@ -170,9 +173,14 @@ def test_weight_zero_reproduces_sdpo_bit_for_bit(tiny_model_dir, tmp_path, monke
 
 def test_rows_without_a_peer_get_no_contrast_pass_and_no_loss(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(batch_module, "verify", coin_verify)
-    seen, update, score = [], credit.optimize, credit.score_teacher
-    monkeypatch.setattr(credit, "optimize", lambda run, batch, loss_fn, step, **kw:
-                        seen.append((batch, kw["token_masks"]["distill"])) or update(run, batch, loss_fn, step, **kw))
+    seen, score = [], credit.score_teacher
+
+    class Recording(credit.Update):
+        def __init__(self, run, batch, step, token_masks=None, **kwargs):
+            seen.append((batch, token_masks["distill"]))
+            super().__init__(run, batch, step, token_masks, **kwargs)
+
+    monkeypatch.setattr(credit, "Update", Recording)
     calls = []
     monkeypatch.setattr(credit, "score_teacher", lambda run, batch, messages, *a, **kw:
                         calls.append(len(messages)) or score(run, batch, messages, *a, **kw))
@@ -181,4 +189,4 @@ def test_rows_without_a_peer_get_no_contrast_pass_and_no_loss(tiny_model_dir, tm
         ok = torch.tensor([v.correct for v in batch.verdicts]).view(-1, 4)
         has_peer = (ok.sum(1, keepdim=True) - ok.long() > 0).reshape(-1)
         assert torch.equal(distill, batch.rollout.completion_mask.float() * has_peer[:, None])
-        assert calls[step] == len(has_peer) + int(has_peer.sum())  # one call: B teacher rows + the distilled rows' contrast
+        assert calls[step] == len(has_peer) + int(has_peer.sum())  # one call: B teacher rows + distilled rows' contrast

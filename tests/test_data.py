@@ -40,7 +40,8 @@ def test_parquet_and_errors(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": None}]), tmp_path / "d.parquet")
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": None}]),
+                   tmp_path / "d.parquet")
     with pytest.raises(DataError, match="row 1: missing required field 'answer'"):
         load_local(tmp_path / "d.parquet")
     with pytest.raises(DataError, match="not found"):
@@ -99,5 +100,6 @@ def test_local_dataset_without_eval_dataset_holds_out_rows(tiny_model_dir, tmp_p
     train = {e.prompt for e in run.sampler.examples}
     held = {e.prompt for e in run.eval_set}
     assert len(held) == 4 and len(train) == 36 and not train & held
-    assert f"36 train / 4 eval prompts (0 over-long skipped; eval: 4 of the 40 rows of {path} held out" in capsys.readouterr().out
+    assert (f"36 train / 4 eval prompts (0 over-long skipped; eval: 4 of the 40 rows of {path} held out"
+            in capsys.readouterr().out)
     run.close()

@@ -22,7 +22,8 @@ def test_evaluate_matches_explicit_count(samples, temperature, top_p):
     correct, passed, reward, each = 0.0, 0, 0.0, []
     for i in range(0, len(examples), 10):
         batch = examples[i:i + 10]
-        r = generate(policy, tokenizer, render_prompts(tokenizer, [e.prompt for e in batch]), samples, 48, temperature, top_p)
+        r = generate(policy, tokenizer, render_prompts(tokenizer, [e.prompt for e in batch]), samples, 48,
+                     temperature, top_p)
         for j, e in enumerate(batch):
             verdicts = [verify(e, r.texts[j * samples + s]) for s in range(samples)]
             correct += sum(v.correct for v in verdicts) / samples
@@ -40,7 +41,8 @@ def test_evaluate_matches_explicit_count(samples, temperature, top_p):
 
 
 def test_eval_knobs_and_timing_apart_from_the_step(tiny_model_dir, tmp_path, capsys):
-    """--eval-max-new-tokens bounds evaluation alone; perf/step_s excludes evaluation; the last line has the peak RSS."""
+    """--eval-max-new-tokens bounds evaluation alone; perf/step_s excludes evaluation; the last line has the
+    peak RSS."""
     import json
 
     import tyro
@@ -58,7 +60,8 @@ def test_eval_knobs_and_timing_apart_from_the_step(tiny_model_dir, tmp_path, cap
     evals = [s for s in samples if s["split"] == "eval"]
     train = [s for s in samples if s["split"] == "train"]
     assert evals and train
-    # Byte-level toy tokenizer: a token decodes to at most one character (bytes of invalid UTF-8 become one U+FFFD each).
+    # Byte-level toy tokenizer: a token decodes to at most one character
+    # (bytes of invalid UTF-8 become one U+FFFD each).
     assert max(len(s["completion"]) for s in evals) <= 5 < max(len(s["completion"]) for s in train)
     assert "peak RSS" in capsys.readouterr().out.strip().splitlines()[-1]
     # Each evaluation's per-problem scores, whose mean is its accuracy.

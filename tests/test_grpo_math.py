@@ -11,7 +11,8 @@ def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
     a = group_advantages(r, 4, "group")
     std = math.sqrt(((0.5 ** 2) * 4) / 3)  # unbiased std of [1, 0, 0, 1]
-    assert a[:4].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4)])
+    assert a[:4].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4),
+                                            0.5 / (std + 1e-4)])
     mean2 = 0.75
     std2 = math.sqrt(((0.25 ** 2) * 3 + 0.75 ** 2) / 3)
     assert a[4:].tolist() == pytest.approx([(x - mean2) / (std2 + 1e-4) for x in [1, 1, 0, 1]])

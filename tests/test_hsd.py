@@ -10,11 +10,10 @@ import tyro
 import grpo
 import hsd
 from common import batch as batch_module
+from common.args import ArgError
 from common.example import Example
 from common.logprobs import token_stats
 from common.verifiers import Verdict
-
-OK, BAD = Verdict(1.0, True, ""), Verdict(0.0, False, "")
 
 
 def test_peer_never_self_same_group_successful_and_fallbacks():
@@ -54,10 +53,9 @@ def test_hindsight_block_format_and_fallback():
     assert hsd.hindsight_block("12+34=46\nAnswer: 46", "46") == \
         "A correct solution:\n\n12+34=46\nAnswer: 46\n\nThe correct final answer is: 46"
     ex = Example("Compute 12+34.", "46")
-    assert hsd.privileged_block(ex, BAD, "  raw text, kept as is \n", True) == \
-        "A correct solution:\n\n  raw text, kept as is \n\n\nThe correct final answer is: 46\n\nYour previous attempt was incorrect."
-    assert hsd.privileged_block(ex, OK, None, True) == "The correct final answer is: 46\n\nYour previous attempt was correct."
-    assert hsd.privileged_block(ex, BAD, None, False) == hsd.answer_block(ex)
+    assert hsd.privileged_block(ex, "  raw text, kept as is \n") == \
+        "A correct solution:\n\n  raw text, kept as is \n\n\nThe correct final answer is: 46"
+    assert hsd.privileged_block(ex, None) == hsd.answer_block(ex) == "The correct final answer is: 46"
 
 
 def test_divergence_index_hand_built():
@@ -120,12 +118,18 @@ def coin_verify(example, completion):
 def captured(monkeypatch):
     """Record what hsd.main hands to the teacher and to the update, and verify with `coin_verify`."""
     calls = {"teacher": [], "update": [], "advantages": []}
-    score, update, loss = hsd.score_teacher, hsd.optimize, hsd.policy_loss
+    score, loss = hsd.score_teacher, hsd.policy_loss
+
+    class Recording(hsd.Update):
+        def __init__(self, run, batch, step, token_masks=None, **kwargs):
+            calls["update"].append((batch, token_masks))
+            super().__init__(run, batch, step, token_masks, **kwargs)
+
     monkeypatch.setattr(batch_module, "verify", coin_verify)
     monkeypatch.setattr(hsd, "score_teacher", lambda run, batch, messages, *a, **kw:
-                        calls["teacher"].append((batch, [m.block for m in messages])) or score(run, batch, messages, *a, **kw))
-    monkeypatch.setattr(hsd, "optimize", lambda run, batch, loss_fn, step, **kw:
-                        calls["update"].append((batch, kw.get("token_masks"))) or update(run, batch, loss_fn, step, **kw))
+                        calls["teacher"].append((batch, [m.block for m in messages]))
+                        or score(run, batch, messages, *a, **kw))
+    monkeypatch.setattr(hsd, "Update", Recording)
     monkeypatch.setattr(hsd, "policy_loss", lambda mb, args, adv, *a:
                         calls["advantages"].append(adv) or loss(mb, args, adv, *a))
     return calls
@@ -136,48 +140,38 @@ def run_script(model, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-# The earlier recipe, in the GRPO frame, with the answer-only diagnostics every step.
-FRAME = ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0", "--diagnostics-every", "1"]
-
-
-def test_token_mode_runs_with_peer_contexts_and_all_metrics(tiny_model_dir, tmp_path, captured):
-    rows = run_script(tiny_model_dir, tmp_path / "t", *FRAME, "--total-steps", "3", "--diagnostics-every", "2")
+def test_peer_contexts_answer_only_diagnostics_and_all_metrics(tiny_model_dir, tmp_path, captured):
+    rows = run_script(tiny_model_dir, tmp_path / "t", "--total-steps", "3", "--diagnostics-every", "2")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(k in rows[0] and k in rows[2] for k in HSD_KEYS)
     assert "hsd/credit_mass_near_div_answer_only" not in rows[1] and "hsd/credit_mass_near_div" in rows[1]
     assert len(captured["teacher"]) == 5  # 3 peer-conditioned passes + 2 answer-only passes
     for batch, blocks in [captured["teacher"][i] for i in (0, 2, 3)]:
         texts, seen_peer = batch.rollout.texts, False
-        for i, (block, v) in enumerate(zip(blocks, batch.verdicts)):
+        for i, block in enumerate(blocks):
             group = range(i // 4 * 4, i // 4 * 4 + 4)
             peers = [j for j in group if j != i and batch.verdicts[j].correct]
             if peers:
-                assert any(block.startswith(hsd.hindsight_block(texts[j], batch.examples[i].answer)) for j in peers)
+                assert any(block == hsd.hindsight_block(texts[j], batch.examples[i].answer) for j in peers)
                 seen_peer = True
             else:
-                assert block.startswith(hsd.answer_block(batch.examples[i]))
-            assert block.endswith("Your previous attempt was correct." if v.correct else "Your previous attempt was incorrect.")
+                assert block == hsd.answer_block(batch.examples[i])
         assert seen_peer
     _, answer_only = captured["teacher"][1]
     assert all(b.startswith("The correct final answer is: ") for b in answer_only)
 
 
-def test_skip_leaves_successful_rows_out_of_sd(tiny_model_dir, tmp_path, captured):
-    rows = run_script(tiny_model_dir, tmp_path / "t", *FRAME, "--on-success", "skip", "--total-steps", "1")
+def test_skip_leaves_successful_rows_out_of_the_distillation(tiny_model_dir, tmp_path, captured):
+    rows = run_script(tiny_model_dir, tmp_path / "t", "--on-success", "skip", "--grpo-coef", "1", "--total-steps", "1")
     (batch, token_masks), adv = captured["update"][0], captured["advantages"][0]
-    correct = torch.tensor([v.correct for v in batch.verdicts])
+    correct, mask = torch.tensor([v.correct for v in batch.verdicts]), batch.rollout.completion_mask.float()
+    assert 0 < correct.sum() < len(correct)
+    distill = token_masks["distill"]
+    assert (distill[correct] == 0).all() and torch.equal(distill[~correct], mask[~correct])
     a = grpo.group_advantages(batch.rewards, 4, "group")
-    assert 0 < correct.sum() < len(correct) and token_masks is None
-    assert torch.equal(adv[correct], a[correct][:, None].expand(-1, adv.shape[1]))  # exactly A_i
-    assert not torch.equal(adv[~correct], a[~correct][:, None].expand(-1, adv.shape[1]))  # failed rows get credit
+    assert torch.equal(adv, a[:, None].expand(-1, adv.shape[1]))  # the reward term: exactly A_i on every row
     assert rows[0]["sd/frac_rows_distilled"] == pytest.approx(1 - correct.float().mean().item())
-
-    rows = run_script(tiny_model_dir, tmp_path / "l", *FRAME, "--on-success", "skip", "--sd-loss", "logit", "--topk", "8")
-    assert all(k in r for r in rows for k in HSD_KEYS) and rows[0]["loss/distill"] > 0
-    for batch, token_masks in captured["update"][1:]:
-        correct, mask = torch.tensor([v.correct for v in batch.verdicts]), batch.rollout.completion_mask.float()
-        distill = token_masks["distill"]
-        assert (distill[correct] == 0).all() and torch.equal(distill[~correct], mask[~correct])
+    assert rows[0]["loss/distill"] > 0
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
@@ -214,22 +208,20 @@ def test_full_vocabulary_kl_matches_a_naive_loop_and_its_gradient(direction, tem
 
 
 def test_paper_recipe_distils_with_a_full_kl_and_no_grpo_term(tiny_model_dir, tmp_path, captured):
-    rows = run_script(tiny_model_dir, tmp_path / "k", "--total-steps", "3")  # the defaults: --sd-loss kl, beta 0.001
+    rows = run_script(tiny_model_dir, tmp_path / "k", "--total-steps", "3")  # the defaults: grpo-coef 0, beta 0.001
     assert all(r["loss/distill"] > 0 and "loss/kl" in r for r in rows)
     assert all((adv == 0).all() for adv in captured["advantages"])  # no GRPO advantage anywhere
     # Diagnostics with the answer-only teacher every 10 steps: here at step 0 only; 3 peer passes + 1 answer-only.
     assert ["hsd/abs_credit_near_div_answer_only" in r for r in rows] == [True, False, False]
     assert len(captured["teacher"]) == 4
-    for batch, blocks in [captured["teacher"][i] for i in (0, 2, 3)]:  # no correctness sentence by default
-        assert not any("attempt was" in b for b in blocks)
     forward = run_script(tiny_model_dir, tmp_path / "f", "--total-steps", "1", "--kl-direction", "forward")
     assert forward[0]["reward/mean"] == rows[0]["reward/mean"] and forward[0]["loss/distill"] != rows[0]["loss/distill"]
 
 
-def test_kl_with_the_current_teacher_needs_one_update_per_batch(tmp_path):
-    with pytest.raises(ValueError, match="one update per batch"):
-        hsd.main(tyro.cli(hsd.Args, args=["--num-minibatches", "2", "--output-dir", str(tmp_path / "x")]))
-    assert not (tmp_path / "x").exists()
+def test_kl_with_the_current_teacher_needs_one_update_per_batch():
+    with pytest.raises(ArgError, match="one update per batch"):
+        hsd.Args(num_minibatches=2)
+    assert hsd.Args(num_minibatches=2, teacher="initial").teacher == "initial"  # a frozen teacher's head may stay
 
 
 def test_abs_credit_near_divergence_by_hand():
@@ -239,7 +231,8 @@ def test_abs_credit_near_divergence_by_hand():
     torch.testing.assert_close(share, torch.tensor([(1 + 2 + 0) / 6, 0.0]))  # the masked -4 never counts
 
 
-def test_teacher_message_wording_and_the_instruction_flag_reach_every_teacher_pass(tiny_model_dir, tmp_path, monkeypatch):
+def test_teacher_message_wording_and_the_instruction_flag_reach_every_teacher_pass(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
     """HSD's wording is the project's choice: `{problem}\n\n{block}\n\n{instruction}`; --teacher-instruction "" drops
     the last line from the peer and the answer-only passes alike."""
     ex = Example("Compute 12+34.", "46")

@@ -1,4 +1,5 @@
-"""Layout rules: each script stands alone, `common/` has no import cycle, marked copies match their source.
+"""Layout rules: each script stands alone, `common/` has no import cycle and no code in strings, marked copies
+match their source.
 
 A script imports only the standard library, third-party packages and `common/`; a small pure function
 that two scripts need is copied under a marker line `# Same as grpo.py: group_advantages`, and this
@@ -16,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["grpo", "sd", "credit", "antisd", "hsd"]
 MARKER = re.compile(r"^# Same as (\w+)\.py: (\w+)$")
+LONG_STRING = 400
+"""Longest string literal allowed in common/ (docstrings aside): anything longer is code or data for a file."""
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -31,9 +34,20 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def common_modules() -> dict[str, Path]:
+    """common.<module> (subpackages included: common/sandbox/__init__.py is common.sandbox) -> its file."""
+    modules = {}
+    for path in sorted((ROOT / "common").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if name != "common":
+            modules[name] = path
+    return modules
+
+
 def common_graph() -> dict[str, set[str]]:
     """common.<module> -> the common modules it imports."""
-    modules = {f"common.{p.stem}": p for p in (ROOT / "common").glob("*.py") if p.stem != "__init__"}
+    modules = common_modules()
     return {name: {m for m in imported_modules(path) if m in modules} for name, path in modules.items()}
 
 
@@ -75,8 +89,34 @@ def test_script_imports_no_other_script(script):
 
 
 def test_common_imports_no_script():
-    for path in (ROOT / "common").glob("*.py"):
+    for path in (ROOT / "common").rglob("*.py"):
         assert not {m.split(".")[0] for m in imported_modules(path)} & set(SCRIPTS), path.name
+
+
+def long_strings(path: Path, limit: int = LONG_STRING) -> list[tuple[int, int]]:
+    """(line, length) of each string literal in `path` longer than `limit`, docstrings (of modules, classes,
+    functions and attributes: a string standing alone as a statement) aside."""
+    tree = ast.parse(path.read_text())
+    standalone = {id(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    return [(node.lineno, len(node.value)) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > limit
+            and id(node) not in standalone]
+
+
+def test_no_source_code_in_strings():
+    """Code lives in .py files, where it is linted and highlighted: no long string literal in common/ (the code
+    sandbox's child is common/sandbox/harness.py, whose text the parent reads, not a string in a module)."""
+    found = {str(path.relative_to(ROOT)): hits for path in sorted((ROOT / "common").rglob("*.py"))
+             if (hits := long_strings(path))}
+    assert not found, f"string literals over {LONG_STRING} characters (line, length): {found}"
+
+
+def test_a_long_string_is_caught(tmp_path):
+    module = tmp_path / "m.py"
+    code = "x = 1\n" * 100
+    module.write_text(f'"""{"doc " * 200}"""\nX = 1\n"""{"attribute doc " * 50}"""\nCODE = {code!r}\n')
+    assert long_strings(module) == [(4, 600)]
 
 
 def top_level_source(path: Path, name: str) -> str | None:
@@ -120,7 +160,17 @@ def copy_problem(root: Path, script: str, line: int, source: str, name: str) -> 
 
 def test_there_are_marked_copies():
     copies = {(s, name) for s, _, _, name in marked_copies()}
-    assert ("sd", "group_advantages") in copies and ("hsd", "distillation_loss") in copies
+    assert ("sd", "group_advantages") in copies and ("credit", "distillation_loss") in copies
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_marked_copies_sit_in_one_block_after_main(script):
+    """A reader meets the algorithm's own functions and main() first; the copies follow, together, at the end."""
+    body = ast.parse((ROOT / f"{script}.py").read_text()).body
+    defs = [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    copies = {name for s, _, _, name in marked_copies() if s == script}
+    assert defs[len(defs) - len(copies):] == [d for d in defs if d in copies]
+    assert copies <= set(defs[defs.index("main") + 1:])
 
 
 @pytest.mark.parametrize("script,line,source,name", marked_copies())

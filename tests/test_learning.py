@@ -1,7 +1,7 @@
 """Learning: every algorithm improves held-out accuracy from the shipped toy base in a fixed budget.
 
-Each test trains with the script's defaults, each its paper's recipe (the embedded toy task, P=8 x G=8, lr 3e-4, 60 steps,
-held-out avg@4 at temperature 1 on 200 problems, 800 samples per evaluation) at seed 1 with one torch
+Each test trains with the script's defaults, each its paper's recipe (the embedded toy task, P=8 x G=8, lr 3e-4,
+60 steps, held-out avg@4 at temperature 1 on 200 problems, 800 samples per evaluation) at seed 1 with one torch
 thread, so it repeats bit for bit on the same build, and asserts that the final `eval/accuracy` beats
 the shipped base's by a margin. Evaluation draws from its own stream, so this run is exactly seed 1 of
 `python bench/compare.py --seeds 1 2 3 4 5 --jobs 2` (README, Results; this project's CPU build, torch
@@ -65,4 +65,5 @@ def test_held_out_accuracy_rises(name, script, extra, tmp_path):
         assert len(both) == 6  # steps 0, 10, ..., 50
         peer = statistics.mean(r["hsd/abs_credit_near_div"] for r in both)
         answer_only = statistics.mean(r["hsd/abs_credit_near_div_answer_only"] for r in both)
-        assert peer - answer_only >= HSD_CONCENTRATION_MARGIN, f"credit near the divergence {peer:.3f} vs {answer_only:.3f}"
+        assert peer - answer_only >= HSD_CONCENTRATION_MARGIN, (
+            f"credit near the divergence {peer:.3f} vs {answer_only:.3f}")

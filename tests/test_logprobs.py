@@ -138,7 +138,8 @@ def test_policy_scores_left_padded_rows_like_unpadded(policy, tokenizer):
     c_ids = torch.tensor([x + [tokenizer.pad_token_id] * (T - len(x)) for x in c])
     c_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in c])
     with torch.no_grad():
-        got = score_completions(policy, p_ids, p_mask, c_ids, c_mask, 0.7, chunk_size=5, micro_rows=2, with_entropy=True)
+        got = score_completions(policy, p_ids, p_mask, c_ids, c_mask, 0.7, chunk_size=5, micro_rows=2,
+                                with_entropy=True)
         for i, (p, x) in enumerate(zip(prompts, c)):
             ids = torch.tensor(tokenizer(p, add_special_tokens=False).input_ids + x)
             want = full_logprobs(policy, ids, 0.7)[-len(x):]

@@ -68,7 +68,8 @@ def test_cpu_attention_reads_grouped_keys_without_copies(tmp_path, tokenizer, mo
 class Mallinfo2(ctypes.Structure):
     """glibc's struct mallinfo2 (malloc.h): sizes in bytes."""
     _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
 
 
 def test_freed_memory_stays_in_the_process():

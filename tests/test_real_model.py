@@ -42,7 +42,8 @@ FIXTURE = ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl"
 SCRIPTS = [name for name in ("grpo", "sd", "credit", "antisd", "hsd") if (ROOT / f"{name}.py").exists()]
 SD_FAMILY = {"sd", "credit", "antisd", "hsd"}
 TEACHER_TAIL = {"sd": "Now solve this problem step by step.", "antisd": "Now solve this problem step by step.",
-                "credit": "Correctly solve the original question.", "hsd": "Now solve the original problem step by step."}
+                "credit": "Correctly solve the original question.",
+                "hsd": "Now solve the original problem step by step."}
 """The last line of each SD script's default teacher prompt (AntiSD's, SDPO's, hsd.py's wording)."""
 STEPS = int(os.environ.get("CLEANSD_REAL_MODEL_STEPS", "1"))
 """Training steps per script: 1 keeps the file near 3 minutes on 2 CPU cores (2 costs ~20 s more per script)."""
@@ -169,8 +170,9 @@ def test_script_runs_on_real_model(script, model_dir, tmp_path, monkeypatch):
         teacher_rows = [text for text in fed if tail and f"{tail}{ASSISTANT}" in text]
         student_rows = [text for text in fed if text not in teacher_rows]
         assert student_rows and all(any(text.startswith(p) for p in student_prompts) for text in student_rows)
-        if script in SD_FAMILY and any(r.get("sd/frac_rows_distilled", 1) > 0 for r in rows):  # SDPO: rows without a peer
-            assert teacher_rows, f"{script}: no teacher prompt in the chat template reached the network"  # keep the plain prompt
+        # SDPO: rows without a peer keep the plain prompt
+        if script in SD_FAMILY and any(r.get("sd/frac_rows_distilled", 1) > 0 for r in rows):
+            assert teacher_rows, f"{script}: no teacher prompt in the chat template reached the network"
             for text in teacher_rows:
                 assert text.startswith(f"{SYSTEM_TURN}<|im_start|>user\n")
                 assert any(text.startswith(f"{SYSTEM_TURN}<|im_start|>user\n{e.prompt}\n") for e in examples)
@@ -194,7 +196,8 @@ def test_script_runs_on_real_model(script, model_dir, tmp_path, monkeypatch):
         changed = not torch.equal(exported, _checkpoint_tensor(model_dir, name))
         if any(r["train/grad_norm"] > 0 for r in rows):
             assert changed, "a non-zero gradient left the weights unchanged"
-        ids = reloaded(render_prompts(reloaded, ["What is 2+3?"]), return_tensors="pt", add_special_tokens=False).input_ids
+        ids = reloaded(render_prompts(reloaded, ["What is 2+3?"]), return_tensors="pt",
+                       add_special_tokens=False).input_ids
         with torch.no_grad():
             assert torch.isfinite(lm(ids).logits).all()
     finally:

@@ -39,8 +39,9 @@ CONFIGS = {
     "sd-sdpo": ("sd", ["--preset", "sdpo"]),
     "sd-opsd": ("sd", ["--preset", "opsd"]),
     "credit": ("credit", []),
-    "antisd": ("antisd", ["--gate-warmup-steps", "1", "--peer", "first", "--eps-high", "0.28"]),
-    "hsd": ("hsd", ["--sd-loss", "token", "--grpo-coef", "1", "--feedback", "--beta", "0", "--diagnostics-every", "1"]),
+    "antisd": ("antisd", []),
+    "antisd-gate-on": ("antisd", ["--gate-warmup-steps", "1", "--peer", "first", "--eps-high", "0.28"]),
+    "hsd": ("hsd", []),
 }
 
 

@@ -86,7 +86,8 @@ def test_reward_mode_task_keeps_partial_marks():
     binary = load_examples("rg:spell_backward?test_size=3", "test")[0]
     partial = load_examples("rg:spell_backward?test_size=3&reward=task", "test")[0]
     near = binary.answer[:-1]
-    score = reasoning_gym.create_dataset("spell_backward", size=1, seed=0).score_answer(near, binary.meta["rg"]["entry"])
+    score = reasoning_gym.create_dataset("spell_backward", size=1, seed=0).score_answer(
+        near, binary.meta["rg"]["entry"])
     assert 0.0 < score < 1.0
     b, p = verify(binary, f"\\boxed{{{near}}}"), verify(partial, f"\\boxed{{{near}}}")
     assert (b.reward, b.correct) == (0.0, False) and "checker gives" in b.feedback

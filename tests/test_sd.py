@@ -183,7 +183,8 @@ SDPO_SOLUTION = "\nCorrect solution:\n\n{successful_previous_attempt}"
 SDPO_FEEDBACK = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
 OPSD_TRANSITION = ("\n\nAfter understanding the reference solution and the rationale behind each step, now articulate "
                    "your own step-by-step reasoning that derives the same final answer to the problem below:\n")
-ANTISD = "{prompt}\n\nYour previous attempt:\n{solution}\n\nPrevious assessment: {feedback}\nNow solve this problem step by step."
+ANTISD = ("{prompt}\n\nYour previous attempt:\n{solution}\n\nPrevious assessment: {feedback}\n"
+          "Now solve this problem step by step.")
 
 
 def sdpo_reference(prompt, solution, feedback):
@@ -192,7 +193,8 @@ def sdpo_reference(prompt, solution, feedback):
     if not (use_feedback or solution is not None):
         return prompt
     return SDPO_REPROMPT.format(
-        prompt=prompt, solution=SDPO_SOLUTION.format(successful_previous_attempt=solution) if solution is not None else "",
+        prompt=prompt,
+        solution=SDPO_SOLUTION.format(successful_previous_attempt=solution) if solution is not None else "",
         feedback=SDPO_FEEDBACK.format(feedback_raw=feedback) if use_feedback else "")
 
 
@@ -213,7 +215,8 @@ def hand_batch():
             for g in range(2)]
     examples = [math[0]] * 3 + [math[1]] * 3 + [code[0]] * 3 + [code[1]] * 3
     ok, bad = Verdict(1.0, True, "ok"), Verdict(0.0, False, "final answer 7 does not match")
-    half, none = Verdict(0.5, False, "passed 1 of 2 tests; first failure: E1"), Verdict(0.0, False, "passed 0 of 2 tests")
+    half, none = (Verdict(0.5, False, "passed 1 of 2 tests; first failure: E1"),
+                  Verdict(0.0, False, "passed 0 of 2 tests"))
     verdicts = [ok, bad, bad, ok, ok, bad, half, none, none, none, Verdict(0.0, False, "no code block found"), none]
     texts = ["<think>hmm</think>\n0+1=1\nAnswer: 1", "Answer: 7", "Answer: 2", "A3", "A4", "A5"] + \
         [f"c{i}" for i in range(6, 12)]
@@ -357,10 +360,14 @@ def coin_verify(example, completion):
 
 def test_sdpo_preset_distils_only_rows_with_a_peer_and_logs_it(tiny_model_dir, tmp_path, monkeypatch):
     seen = []
-    update = sd.optimize
+
+    class Recording(sd.Update):
+        def __init__(self, run, batch, step, token_masks=None, **kwargs):
+            seen.append((batch, token_masks["distill"]))
+            super().__init__(run, batch, step, token_masks, **kwargs)
+
     monkeypatch.setattr(batch_module, "verify", coin_verify)
-    monkeypatch.setattr(sd, "optimize", lambda run, batch, loss_fn, step, **kw:
-                        seen.append((batch, kw["token_masks"]["distill"])) or update(run, batch, loss_fn, step, **kw))
+    monkeypatch.setattr(sd, "Update", Recording)
     rows = run_script(sd, tiny_model_dir, tmp_path / "p", "--preset", "sdpo", "--topk", "8")
     for (batch, distill), row in zip(seen, rows):
         ok = torch.tensor([v.correct for v in batch.verdicts]).view(-1, 4)
