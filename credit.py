@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -36,13 +35,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.args import ArgError, TrainArgs, check, cli
+from common.args import TrainArgs, check, cli, world_size
 from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce
 from common.example import Example, Verdict
 from common.rollout import select_rows
 from common.run import Run, setup
-from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
+from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher, teacher_metrics
 from common.update import MicroBatch, Update
 
 
@@ -102,17 +101,12 @@ class Args(TrainArgs):
         check(self.is_clip, "is_clip", low=0, low_open=True)
         check(self.contrast_weight, "contrast_weight", low=0)
         check(self.num_contrast, "num_contrast", low=1)
+        check(self.num_prompts // world_size(), "num_prompts", low=2, why=f"CREDIT contrasts each prompt with another "
+              f"prompt of the same batch, so each of the {world_size()} rank(s) needs 2 or more")
 
 
 SDPO_SUCCESS = 0.5
 """SDPO's success_reward_threshold: a rollout with at least this reward is a demonstration for its group."""
-
-
-def require_partners(num_groups: int) -> None:
-    """A row's partner must come from another prompt group of the (per-rank) batch."""
-    if num_groups < 2:
-        raise ArgError(f"CREDIT contrasts each prompt with another prompt of the same batch, but a rank holds "
-                         f"{num_groups} prompt(s): raise --num-prompts to at least 2 x the number of ranks")
 
 
 def contrast_partners(num_groups: int, group_size: int, k: int, seed: int | tuple[int, ...]) -> torch.Tensor:
@@ -122,7 +116,6 @@ def contrast_partners(num_groups: int, group_size: int, k: int, seed: int | tupl
     offsets o_k = 1, 2, ..., P-1, 1, 2, ...: never itself, and min(K, P-1) distinct partners. Seeded
     by its own generator (never the global RNG), so lam and C leave the rest of the run unchanged.
     """
-    require_partners(num_groups)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(num_groups))
     position = order.argsort()  # where each group sits in the cycle
     offsets = 1 + torch.arange(k) % (num_groups - 1)
@@ -193,7 +186,6 @@ def credit_metrics(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.Tens
 
 
 def main(args: Args) -> None:
-    require_partners(args.num_prompts // int(os.environ.get("WORLD_SIZE", "1")))  # fail before any work
     run = setup(args, "credit", teacher_weights=args.teacher, reference=args.beta > 0)
     for step in range(run.start_step, args.total_steps):
         metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
@@ -245,7 +237,7 @@ def main(args: Args) -> None:
         t_update = time.perf_counter()
 
         credit = token_credit(teacher["logprobs"], old["logprobs"], distill_mask)
-        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
+        metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
         metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, G, step, run.d.is_main)
         metrics |= credit_metrics(teacher["logprobs"], contrast["logprobs"], old["logprobs"], args.contrast_weight,
                                   distill_mask)
@@ -424,18 +416,6 @@ def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, di
     masked = weight * divergence * distill_mask[mb.rows]
     return args.lam_sd * masked.sum() / mb.tokens["distill"], masked.sum()
 
-
-# Same as sd.py: sd_metrics
-def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
-    """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
-    n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
-    return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
-            "sd/credit_abs_mean": (all_reduce(credit.abs().sum()) / n_tokens).item(),
-            "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
-            "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
-            "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
-            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
-            "perf/teacher_s": t_teacher}
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce, unsharded
 from common.example import Example
 from common.run import Run, setup
-from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
+from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher, teacher_metrics
 from common.update import MicroBatch, Update
 
 
@@ -264,7 +264,7 @@ def main(args: Args) -> None:
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
 
-        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
+        metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
         metrics |= distillation_coverage(distilled, correct, args.group_size, step, run.d.is_main)
         metrics |= hsd_metrics(correct.to(run.d.device), peers.to(run.d.device), args.group_size,
                                batch.rollout.completion_ids, mask, credits, args.div_window)
@@ -352,18 +352,6 @@ def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mas
     """u = t - s_old on completion tokens, 0 on padding (all detached)."""
     return (teacher_logprobs - old_logprobs).detach() * mask
 
-
-# Same as sd.py: sd_metrics
-def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
-    """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
-    n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
-    return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
-            "sd/credit_abs_mean": (all_reduce(credit.abs().sum()) / n_tokens).item(),
-            "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
-            "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
-            "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
-            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
-            "perf/teacher_s": t_teacher}
 
 
 # Same as sd.py: choose_peers

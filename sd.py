@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 from common.args import ArgError, TrainArgs, check, cli
 from common.batch import Batch, collect_batch, score_rollout
-from common.dist import all_reduce, unsharded
+from common.dist import unsharded
 from common.example import Example, Verdict
 from common.run import setup
-from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher
+from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher, teacher_metrics
 from common.tracking import warn_once
 from common.update import MicroBatch, Update
 
@@ -230,18 +230,6 @@ def distillation_loss(mb: MicroBatch, args: Args, old_logprobs: torch.Tensor, di
     return args.lam_sd * masked.sum() / mb.tokens["distill"], masked.sum()
 
 
-def sd_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
-    """Credit, pMI and teacher statistics over completion tokens (averaged over ranks)."""
-    n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
-    return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
-            "sd/credit_abs_mean": (all_reduce(credit.abs().sum()) / n_tokens).item(),
-            "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
-            "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
-            "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
-            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
-            "perf/teacher_s": t_teacher}
-
-
 def teacher_messages(batch: Batch, args: Args, generator: torch.Generator) -> tuple[list[TeacherMessage], torch.Tensor]:
     """Each row's teacher message in `--context`'s template, and which rows are distilled (SDPO: not all)."""
     if args.context == "sdpo":
@@ -319,7 +307,7 @@ def main(args: Args) -> None:
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
 
-        metrics |= sd_metrics(credit, teacher, mask, t_teach - t_score)
+        metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
         metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, args.group_size, step, run.d.is_main)
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
         run.end_step(step, t0, metrics, batch, advantages, old["entropy"])

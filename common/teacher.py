@@ -1,4 +1,4 @@
-"""The self-distillation teacher: its prompt (a script's template), its scoring pass, its EMA weights, its coverage.
+"""The self-distillation teacher: its prompt (a script's template), its scoring pass, its EMA weights, its statistics.
 
 The teacher is the same network (or a copy of it: EMA, initial) scoring the same completion tokens
 after a teacher prompt, one user turn rendered with the same chat template and settings as the
@@ -107,3 +107,16 @@ def distillation_coverage(distilled: torch.Tensor, successful: torch.Tensor, gro
 
 _silent_warning: dict[str, int | None] = {"step": None}
 """The step of the last 'distils no row' warning, while no step since has distilled a row."""
+
+
+def teacher_metrics(credit: torch.Tensor, teacher: dict, mask: torch.Tensor, t_teacher: float) -> dict:
+    """The `sd/` statistics of a teacher pass: the credit u = t - s_old per token and per row (pMI), the teacher's
+    log-probs and prompt lengths, over completion tokens and rows of all ranks."""
+    n_tokens, n_rows = all_reduce(mask.sum()), all_reduce(torch.tensor(float(mask.shape[0])))
+    return {"sd/credit_mean": (all_reduce(credit.sum()) / n_tokens).item(),
+            "sd/credit_abs_mean": (all_reduce(credit.abs().sum()) / n_tokens).item(),
+            "sd/pmi_seq_mean": (all_reduce(credit.sum()) / n_rows).item(),
+            "sd/teacher_logp_mean": (all_reduce((teacher["logprobs"] * mask).sum()) / n_tokens).item(),
+            "sd/teacher_prompt_len": (all_reduce(teacher["prompt_len"].sum()) / n_rows).item(),
+            "sd/frac_shortened": (all_reduce(teacher["shortened"].sum()) / n_rows).item(),
+            "perf/teacher_s": t_teacher}

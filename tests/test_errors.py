@@ -31,7 +31,7 @@ def run(script: str, *flags: str, env: dict | None = None) -> subprocess.Complet
     ("grpo.py", ["--dataset", "rg:no_such_task"], "error: rg:no_such_task: unknown reasoning-gym task 'no_such_task'"),
     ("grpo.py", ["--model", "./no-such-model"], "error: model path not found: ./no-such-model"),
     ("grpo.py", ["--lora-alpha", "16"], "error: --lora-alpha must be given only with --lora-rank (got 16.0)"),
-    ("credit.py", ["--num-prompts", "1"], "error: CREDIT contrasts each prompt with another prompt"),
+    ("credit.py", ["--num-prompts", "1"], "error: --num-prompts must be >= 2 (got 1): CREDIT contrasts each prompt"),
     ("hsd.py", ["--num-minibatches", "2"], "error: --teacher current: the KL reads the teacher's LM head"),
 ])
 def test_a_users_mistake_is_one_error_line_and_exit_2(script, flags, message, tmp_path):
