@@ -210,8 +210,9 @@ def main(args: Args) -> None:
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
-        # 2. Old-policy log-probs s_old, reference log-probs.
-        old = score_rollout(run, batch, with_entropy=True)
+        # 2. Old-policy log-probs s_old (one update per batch: from the update's own forward), reference log-probs.
+        one_update = args.ppo_epochs * args.num_minibatches == 1
+        old = {} if one_update else score_rollout(run, batch, with_entropy=True)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
@@ -231,17 +232,17 @@ def main(args: Args) -> None:
         h = entropies.median().item()
         g = gate.update(h, entropies)
 
-        # 6. Credit u = t - s_old; delta = -phi(u); token advantage A_t = A_i + g * lam_max * delta.
-        credit = token_credit(teacher["logprobs"], old["logprobs"], mask)
-        delta = antisd_credit(credit, args.divergence) * mask
-        token_advantages = advantages[:, None] + g * args.lam_max * delta
-
-        # 7. Clipped-surrogate update on the token advantages.
-        update = Update(run, batch, step)
+        # 6-7. Per micro-batch: credit u = t - s_old; delta = -phi(u); token advantage A_t = A_i + g * lam_max * delta;
+        #    the clipped surrogate on the token advantages.
+        credit, delta, token_advantages = torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask)
+        update = Update(run, batch, step, old.get("logprobs"))
         for minibatch in update.minibatches():
             for rows in minibatch.split(args.micro_batch_rows):
                 mb = update.forward(rows)
-                loss, sums = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+                credit[mb.rows] = token_credit(teacher["logprobs"][mb.rows], update.old_logprobs[mb.rows], mb.mask)
+                delta[mb.rows] = antisd_credit(credit[mb.rows], args.divergence) * mb.mask
+                token_advantages[mb.rows] = advantages[mb.rows, None] + g * args.lam_max * delta[mb.rows]
+                loss, sums = policy_loss(mb, args, token_advantages, update.old_logprobs, ref_logprobs)
                 loss.backward()
                 update.log(sums)
             update.step()
@@ -255,7 +256,8 @@ def main(args: Args) -> None:
         if gate.h_warm is not None:  # known from the last warm-up step on
             metrics["gate/h_warm"] = gate.h_warm
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
-        run.end_step(step, t0, metrics, batch, advantages, old["entropy"], {"gate": gate.state_dict()})
+        entropy = old.get("entropy", update.entropy)
+        run.end_step(step, t0, metrics, batch, advantages, entropy, {"gate": gate.state_dict()})
     run.close()
 
 
@@ -310,15 +312,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: 
 
 
 # Same as grpo.py: policy_loss
-def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor,
                 ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
-
-    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
-    detached log-probs are pi_old and rho == 1.
-    """
-    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
-    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums."""
+    logprobs, m, adv, old = mb.out["logprobs"], mb.mask, advantages[mb.rows], old_logprobs[mb.rows]
     per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
     tokens = mb.tokens["completion"]
     loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)

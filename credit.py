@@ -220,7 +220,7 @@ def main(args: Args) -> None:
         token_advantages = advantages[:, None].expand_as(mask).contiguous()
 
         # 6. Update: the distillation loss toward Q_t (+ the surrogate if --grpo-coef > 0); the EMA teacher follows.
-        update = Update(run, batch, step, token_masks={"distill": distill_mask})
+        update = Update(run, batch, step, old["logprobs"], token_masks={"distill": distill_mask})
         for minibatch in update.minibatches():
             for rows in minibatch.split(args.micro_batch_rows):
                 mb = update.forward(rows, gather_index=old["topk_index"])
@@ -297,15 +297,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: 
 
 
 # Same as grpo.py: policy_loss
-def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor,
                 ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
-
-    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
-    detached log-probs are pi_old and rho == 1.
-    """
-    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
-    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums."""
+    logprobs, m, adv, old = mb.out["logprobs"], mb.mask, advantages[mb.rows], old_logprobs[mb.rows]
     per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
     tokens = mb.tokens["completion"]
     loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)

@@ -130,15 +130,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: 
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor,
                 ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
-
-    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
-    detached log-probs are pi_old and rho == 1.
-    """
-    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
-    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums."""
+    logprobs, m, adv, old = mb.out["logprobs"], mb.mask, advantages[mb.rows], old_logprobs[mb.rows]
     per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
     tokens = mb.tokens["completion"]
     loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
@@ -176,18 +171,18 @@ def main(args: Args) -> None:
 
         # 3. Old-policy (and reference) log-probs of the sampled tokens. With one epoch and one
         # minibatch the update's forward is the rollout policy itself: its detached log-probs are
-        # pi_old (rho == 1, as in TRL), which saves a whole forward pass.
+        # pi_old (rho == 1, as in TRL), which saves a whole forward pass (Update takes them from it).
         on_policy = args.ppo_epochs == 1 and args.num_minibatches == 1
         old = {} if on_policy else score_rollout(run, batch, with_entropy=True)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
         # 4. Clipped-surrogate update (+ KL to the reference): an optimizer step per minibatch.
-        update = Update(run, batch, step, with_entropy=on_policy)
+        update = Update(run, batch, step, old.get("logprobs"))
         for minibatch in update.minibatches():
             for rows in minibatch.split(args.micro_batch_rows):
                 mb = update.forward(rows)
-                loss, sums = policy_loss(mb, args, token_advantages, old.get("logprobs"), ref_logprobs)
+                loss, sums = policy_loss(mb, args, token_advantages, update.old_logprobs, ref_logprobs)
                 loss.backward()
                 update.log(sums)
             update.step()
@@ -195,7 +190,7 @@ def main(args: Args) -> None:
         t_update = time.perf_counter()
 
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_score}
-        run.end_step(step, t0, metrics, batch, advantages, update.entropy if on_policy else old["entropy"])
+        run.end_step(step, t0, metrics, batch, advantages, old.get("entropy", update.entropy))
     run.close()
 
 

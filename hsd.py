@@ -191,12 +191,10 @@ def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids
     return out
 
 
-def answer_only_credit(run: Run, args: Args, batch: Batch, old_logprobs: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
-    """u = t - s_old under the answer-only teacher on the same rows (the `_answer_only` diagnostics' baseline)."""
+def answer_only_logprobs(run: Run, args: Args, batch: Batch) -> torch.Tensor:
+    """The answer-only teacher's log-probs of the same rows (the `_answer_only` diagnostics' baseline)."""
     messages = [hsd_message(e, answer_block(e), args.teacher_instruction) for e in batch.examples]
-    return token_credit(score_teacher(run, batch, messages, args.max_teacher_prompt_tokens)["logprobs"], old_logprobs,
-                        mask)
+    return score_teacher(run, batch, messages, args.max_teacher_prompt_tokens)["logprobs"]
 
 
 def main(args: Args) -> None:
@@ -211,8 +209,9 @@ def main(args: Args) -> None:
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
-        # 2. Old-policy log-probs s_old (for the surrogate and the credit diagnostics), reference log-probs.
-        old = score_rollout(run, batch, with_entropy=True)
+        # 2. Old-policy log-probs s_old (for the surrogate and the credit diagnostics; one update per batch: from the
+        #    update's own forward), reference log-probs.
+        old = {} if args.ppo_epochs * args.num_minibatches == 1 else score_rollout(run, batch, with_entropy=True)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
@@ -232,28 +231,27 @@ def main(args: Args) -> None:
         teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, return_hidden=True)
         t_teach = time.perf_counter()
 
-        # 5. Credit u = t - s_old (0 on rows left out), for the diagnostics; the answer-only teacher on the
-        #    same rows every --diagnostics-every steps. Every rank scores all its rows (FSDP: the same forwards).
-        credit = token_credit(teacher["logprobs"], old["logprobs"], mask * distilled[:, None])
-        distill_mask = mask * distilled[:, None].float()
-        credits = {"": credit}
+        # 5. Diagnostics every --diagnostics-every steps: the answer-only teacher on the same rows, before the update
+        #    moves the weights. Every rank scores all its rows (FSDP: the same forwards).
+        answer_only = None
         if args.diagnostics_every > 0 and step % args.diagnostics_every == 0:
             t1 = time.perf_counter()
-            credits["_answer_only"] = answer_only_credit(run, args, batch, old["logprobs"], mask)
+            answer_only = answer_only_logprobs(run, args, batch)
             metrics["perf/diagnostics_s"] = time.perf_counter() - t1
         t_diag = time.perf_counter()
 
         # 6. Update: lam_sd * Eq. 10's per-token KL (the teacher's LM head inside the student's chunks) + beta *
         #    KL(pi || pi_0) (+ the surrogate if --grpo-coef > 0); then the EMA teacher follows.
+        distill_mask = mask * distilled[:, None].float()
         token_advantages = advantages[:, None].expand_as(mask).contiguous()
         kl = functools.partial(token_kl, direction=args.kl_direction)
-        update = Update(run, batch, step, token_masks={"distill": distill_mask})
+        update = Update(run, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
         with unsharded(run.teacher):  # a separate teacher's head is used inside the policy's forward
             for minibatch in update.minibatches():
                 for rows in minibatch.split(args.micro_batch_rows):
                     mb = update.forward(rows, paired_hidden=teacher["hidden"], paired_head=run.teacher_model.lm.lm_head,
                                         paired_fn=kl)
-                    policy, sums = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+                    policy, sums = policy_loss(mb, args, token_advantages, update.old_logprobs, ref_logprobs)
                     distill, sums["loss/distill"] = kl_loss(mb, args, distill_mask)
                     loss = policy + distill
                     loss.backward()
@@ -264,12 +262,17 @@ def main(args: Args) -> None:
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
 
+        # 7. Credit u = t - s_old (0 on rows left out) for the diagnostics, under each teacher scored.
+        credit = token_credit(teacher["logprobs"], update.old_logprobs, mask * distilled[:, None])
+        credits = {"": credit}
+        if answer_only is not None:
+            credits["_answer_only"] = token_credit(answer_only, update.old_logprobs, mask)
         metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
         metrics |= distillation_coverage(distilled, correct, args.group_size, step, run.d.is_main)
         metrics |= hsd_metrics(correct.to(run.d.device), peers.to(run.d.device), args.group_size,
                                batch.rollout.completion_ids, mask, credits, args.div_window)
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_diag}
-        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
+        run.end_step(step, t0, metrics, batch, advantages, old.get("entropy", update.entropy))
     run.close()
 
 
@@ -324,15 +327,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: 
 
 
 # Same as grpo.py: policy_loss
-def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor,
                 ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
-
-    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
-    detached log-probs are pi_old and rho == 1.
-    """
-    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
-    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums."""
+    logprobs, m, adv, old = mb.out["logprobs"], mb.mask, advantages[mb.rows], old_logprobs[mb.rows]
     per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
     tokens = mb.tokens["completion"]
     loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)

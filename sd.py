@@ -263,7 +263,9 @@ def main(args: Args) -> None:
         mask = batch.rollout.completion_mask.float()
 
         # 2. Old-policy log-probs s_old (logit mode: also the student's top-k to distil over), reference log-probs.
-        old = score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
+        #    With one update per batch and no top-k to score the teacher at, s_old comes from the update's forward.
+        on_policy = args.ppo_epochs * args.num_minibatches == 1 and not (logit and args.topk > 0)
+        old = {} if on_policy else score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
@@ -278,26 +280,27 @@ def main(args: Args) -> None:
                                 gather_index=old.get("topk_index"), return_hidden=full_vocab)
         t_teach = time.perf_counter()
 
-        # 5. Credit u = t - s_old on distilled rows; token mode: A_t = A_i + lam * u (logit mode: A_t = A_i).
-        credit = token_credit(teacher["logprobs"], old["logprobs"], distill_mask)
-        token_advantages = advantages[:, None] + (0.0 if logit else args.lam) * credit
-
-        # 6. Update: the clipped surrogate, + lam_sd * the distillation loss (logit mode); the EMA teacher follows.
-        #    Full vocabulary: the teacher's LM head runs on its hidden states inside the student's chunks.
+        # 5-6. Per micro-batch: credit u = t - s_old on distilled rows; token mode: A_t = A_i + lam * u (logit
+        #    mode: A_t = A_i); the clipped surrogate, + lam_sd * the distillation loss (logit mode). Full vocabulary:
+        #    the teacher's LM head runs on its hidden states inside the student's chunks. The EMA teacher follows.
         paired = dict(paired_head=run.teacher_model.lm.lm_head,
                       paired_fn=functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)) if full_vocab else {}
-        update = Update(run, batch, step, token_masks={"distill": distill_mask})
+        credit, token_advantages = torch.zeros_like(mask), torch.zeros_like(mask)
+        lam = 0.0 if logit else args.lam
+        update = Update(run, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
         with unsharded(run.teacher if full_vocab else None):
             for minibatch in update.minibatches():
                 for rows in minibatch.split(args.micro_batch_rows):
                     mb = update.forward(rows, gather_index=old.get("topk_index"), paired_hidden=teacher.get("hidden"),
                                         **paired)
-                    loss, sums = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
+                    s_old = update.old_logprobs
+                    credit[mb.rows] = token_credit(teacher["logprobs"][mb.rows], s_old[mb.rows], distill_mask[mb.rows])
+                    token_advantages[mb.rows] = advantages[mb.rows, None] + lam * credit[mb.rows]
+                    loss, sums = policy_loss(mb, args, token_advantages, s_old, ref_logprobs)
                     if logit:  # D_alpha(S_t || T_t) per token
                         divergence = mb.out["paired"] if full_vocab else \
                             generalized_jsd(mb.out["gathered"], teacher["gathered"][mb.rows], args.jsd_alpha)
-                        distill, sums["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence,
-                                                                          distill_mask)
+                        distill, sums["loss/distill"] = distillation_loss(mb, args, s_old, divergence, distill_mask)
                         loss = loss + distill
                     loss.backward()
                     update.log(sums)
@@ -310,7 +313,7 @@ def main(args: Args) -> None:
         metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
         metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, args.group_size, step, run.d.is_main)
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
-        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
+        run.end_step(step, t0, metrics, batch, advantages, old.get("entropy", update.entropy))
     run.close()
 
 
@@ -375,15 +378,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_rows: 
 
 
 # Same as grpo.py: policy_loss
-def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logprobs: torch.Tensor,
                 ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums.
-
-    `old_logprobs=None`: this forward is the rollout policy itself (one epoch, one minibatch), so its
-    detached log-probs are pi_old and rho == 1.
-    """
-    logprobs, m, adv = mb.out["logprobs"], mb.mask, advantages[mb.rows]
-    old = logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows]
+    """One micro-batch's clipped surrogate on token advantages [B, T], aggregated, + beta * k3 KL; and its sums."""
+    logprobs, m, adv, old = mb.out["logprobs"], mb.mask, advantages[mb.rows], old_logprobs[mb.rows]
     per_token, ratio = clipped_surrogate(logprobs, old, adv, args.eps_low, args.eps_high)
     tokens = mb.tokens["completion"]
     loss = aggregate(per_token, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)

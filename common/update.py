@@ -2,11 +2,11 @@
 
 A script's update reads, in its `main()`:
 
-    update = Update(run, batch, step)
+    update = Update(run, batch, step, old_logprobs)     # old_logprobs None: taken from the update's forward
     for minibatch in update.minibatches():              # --ppo-epochs x --num-minibatches
         for rows in minibatch.split(args.micro_batch_rows):
             mb = update.forward(rows)                   # the policy on these rows, with grad
-            loss, sums = my_loss(mb, ...)
+            loss, sums = my_loss(mb, update.old_logprobs[mb.rows], ...)
             loss.backward()
             update.log(sums)
         update.step()                                   # clip, skip a non-finite gradient, AdamW step
@@ -14,7 +14,8 @@ A script's update reads, in its `main()`:
 
 This module owns the denominators taken over the whole minibatch and all ranks (so micro-batching and
 sharding change nothing), the learning-rate schedule, gradient clipping, the skip of a non-finite
-update and the averaging of logged sums.
+update and the averaging of logged sums. With one update per batch the update's forward is the rollout
+policy itself, so its detached log-probs are pi_old: no separate old-policy pass is needed (TRL, SDPO).
 """
 from __future__ import annotations
 
@@ -45,14 +46,20 @@ class MicroBatch:
 class Update:
     """One batch's `--ppo-epochs` x `--num-minibatches` optimizer steps around a loss the script computes."""
 
-    def __init__(self, run, batch, step: int, token_masks: dict[str, torch.Tensor] | None = None,
-                 with_entropy: bool = False):
-        """token_masks: extra [B, T] masks (name -> mask) whose minibatch token counts `MicroBatch.tokens` carries;
-        with_entropy: keep the policy's per-token entropy from the update's forward in `self.entropy` [B, T]."""
+    def __init__(self, run, batch, step: int, old_logprobs: torch.Tensor | None = None,
+                 token_masks: dict[str, torch.Tensor] | None = None):
+        """old_logprobs: s_old [B, T] from a separate old-policy pass; None (one update per batch): each forward fills
+        `self.old_logprobs` rows with its own detached log-probs and `self.entropy` with its entropies, before
+        the script's loss reads them. token_masks: extra [B, T] masks (name -> mask) whose minibatch token
+        counts `MicroBatch.tokens` carries."""
         self.run, self.args, self.rollout = run, run.args, batch.rollout
         self.mask = batch.rollout.completion_mask.float()
         self.masks = {"completion": self.mask, **(token_masks or {})}
-        self.entropy = torch.zeros_like(self.mask) if with_entropy else None
+        on_policy = old_logprobs is None
+        if on_policy and self.args.ppo_epochs * self.args.num_minibatches > 1:
+            raise ValueError("s_old from the update's own forward needs one update per batch")
+        self.old_logprobs = torch.zeros_like(self.mask) if on_policy else old_logprobs
+        self.entropy = torch.zeros_like(self.mask) if on_policy else None
         self.step_index, self.optimizer_step = step, step * self.args.ppo_epochs * self.args.num_minibatches
         self.sums: dict[str, float] = {}
         self.num_rows, self.tokens, self.lr = 0, {}, 0.0
@@ -87,7 +94,8 @@ class Update:
             out = run.policy(r.input_ids[rows], r.attention_mask[rows], self.mask.shape[1], a.temperature,
                              a.logprob_chunk, with_entropy=self.entropy is not None, share_prompts=True, **sliced,
                              **kwargs)
-        if self.entropy is not None:
+        if self.entropy is not None:  # the rollout policy itself: s_old and its entropy
+            self.old_logprobs[rows] = out["logprobs"].detach()
             self.entropy[rows] = out["entropy"].detach() * self.mask[rows]
         return MicroBatch(rows, out, self.mask[rows], self.num_rows, self.tokens)
 

@@ -172,9 +172,9 @@ def test_rows_without_a_peer_get_no_contrast_pass_and_no_loss(tiny_model_dir, tm
     seen, score = [], credit.score_teacher
 
     class Recording(credit.Update):
-        def __init__(self, run, batch, step, token_masks=None, **kwargs):
+        def __init__(self, run, batch, step, old_logprobs=None, token_masks=None):
             seen.append((batch, token_masks["distill"]))
-            super().__init__(run, batch, step, token_masks, **kwargs)
+            super().__init__(run, batch, step, old_logprobs, token_masks)
 
     monkeypatch.setattr(credit, "Update", Recording)
     calls = []

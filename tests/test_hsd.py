@@ -121,9 +121,9 @@ def captured(monkeypatch):
     score, loss = hsd.score_teacher, hsd.policy_loss
 
     class Recording(hsd.Update):
-        def __init__(self, run, batch, step, token_masks=None, **kwargs):
+        def __init__(self, run, batch, step, old_logprobs=None, token_masks=None):
             calls["update"].append((batch, token_masks))
-            super().__init__(run, batch, step, token_masks, **kwargs)
+            super().__init__(run, batch, step, old_logprobs, token_masks)
 
     monkeypatch.setattr(batch_module, "verify", coin_verify)
     monkeypatch.setattr(hsd, "score_teacher", lambda run, batch, messages, *a, **kw:

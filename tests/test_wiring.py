@@ -46,6 +46,9 @@ CASES = {
                           *TWO_UPDATES]),
     "antisd": ("antisd", ["--no-gate", "--lam-max", "0.7", "--grpo-coef", "0.8", "--beta", "0.3", *TWO_UPDATES]),
     "antisd-revkl": ("antisd", ["--no-gate", "--divergence", "revkl", "--lam-max", "0.7", *TWO_UPDATES]),
+    "sd-one-update": ("sd", ["--lam", "0.7", "--grpo-coef", "0.8"]),
+    "sd-opsd-one-update": ("sd", ["--preset", "opsd", "--lam-sd", "0.6", "--jsd-alpha", "0.3", "--grpo-coef", "0.5"]),
+    "antisd-one-update": ("antisd", ["--no-gate", "--lam-max", "0.7", "--grpo-coef", "0.8"]),
     "hsd": ("hsd", ["--lam-sd", "0.6", "--grpo-coef", "0.5"]),
     "hsd-initial": ("hsd", ["--teacher", "initial", "--beta", "0.3", "--kl-direction", "forward", "--on-success",
                             "skip", "--lam-sd", "0.6", *TWO_UPDATES]),
@@ -276,6 +279,22 @@ def assert_same_gradient(name: str, lm, grads: dict[str, torch.Tensor]) -> None:
         want = torch.zeros_like(p) if want is None else want
         err = (got - want).norm() / max(want.norm(), got.norm(), 1e-12)
         assert err < 1e-3, f"{name}: {param_name} gradient off by {err:.2e} relative"
+
+
+@pytest.mark.parametrize("script, flags, passes", [("grpo", [], 0), ("sd", [], 0), ("sd", ["--preset", "opsd"], 0),
+                                                   ("antisd", [], 0), ("hsd", [], 0), ("sd", ["--preset", "sdpo"], 1),
+                                                   ("credit", [], 1), ("sd", ["--ppo-epochs", "2"], 1)])
+def test_one_update_per_batch_takes_s_old_from_the_update(script, flags, passes, tmp_path, monkeypatch):
+    """With one update per batch the update's own forward is the rollout policy: no separate old-policy pass (its
+    detached log-probs are s_old), except where the teacher is scored at the student's top-k before the update."""
+    module = importlib.import_module(script)
+    calls, score = [], module.score_rollout
+    monkeypatch.setattr(module, "score_rollout", lambda run, batch, model=None, **kw:
+                        calls.append(model) or score(run, batch, model, **kw))
+    args = tyro.cli(module.Args, args=[*FLAGS[:FLAGS.index("--micro-batch-rows")], "--output-dir", str(tmp_path),
+                                       "--beta", "0", *flags])
+    module.main(args)
+    assert sum(model is None for model in calls) == passes  # model None: the policy's own (old-policy) pass
 
 
 @pytest.mark.parametrize("script", ["grpo", "sd", "credit", "antisd", "hsd"])
