@@ -263,7 +263,7 @@ def main(args: Args) -> None:
         t_update = time.perf_counter()
 
         # 7. Credit u = t - s_old (0 on rows left out) for the diagnostics, under each teacher scored.
-        credit = token_credit(teacher["logprobs"], update.old_logprobs, mask * distilled[:, None])
+        credit = token_credit(teacher["logprobs"], update.old_logprobs, distill_mask)
         credits = {"": credit}
         if answer_only is not None:
             credits["_answer_only"] = token_credit(answer_only, update.old_logprobs, mask)
