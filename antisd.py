@@ -37,7 +37,7 @@ from common.batch import collect_batch, score_rollout
 from common.dist import all_reduce, gather_floats
 from common.example import Example, Verdict
 from common.run import setup
-from common.teacher import TeacherMessage, score_teacher, teacher_metrics
+from common.teacher import TeacherMessage, choose_peers, score_teacher, teacher_metrics
 from common.tracking import warn_once
 from common.update import MicroBatch, Update
 
@@ -160,7 +160,9 @@ class EntropyGate:
     def state_dict(self) -> dict:
         return {"step": self.step, "on": self.on, "h_warm": self.h_warm, "counts": self.counts, "medians": self.medians}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            raise ArgError("--resume: the checkpoint has no gate state (antisd.py did not write it)")
         self.step, self.on, self.h_warm = state["step"], state["on"], state["h_warm"]
         self.counts, self.medians = state["counts"], list(state["medians"])
 
@@ -197,9 +199,7 @@ def main(args: Args) -> None:
     run = setup(args, "antisd", reference=args.beta > 0)
     gate = EntropyGate(args.gate_warmup_steps, args.gate_down, args.h_warm_agg, enabled=not args.no_gate)
     if run.start_step > 0:
-        if "gate" not in run.extra:
-            raise ArgError(f"--resume: the checkpoint in {run.out_dir} has no gate state (antisd.py did not write it)")
-        gate.load_state_dict(run.extra["gate"])
+        gate.load_state_dict(run.extra.get("gate"))
     for step in range(run.start_step, args.total_steps):
         metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
         t0 = time.perf_counter()
@@ -252,12 +252,11 @@ def main(args: Args) -> None:
         metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
         has_peer = torch.tensor([p >= 0 for p in peers], device=mask.device)
         metrics |= antisd_metrics(delta, credit, token_advantages, mask, has_peer)
-        metrics |= {"gate/entropy_median": h, "gate/on": g}
-        if gate.h_warm is not None:  # known from the last warm-up step on
-            metrics["gate/h_warm"] = gate.h_warm
+        gate_stats = {"gate/entropy_median": h, "gate/on": g, "gate/h_warm": gate.h_warm}  # H_warm: after warm-up
+        metrics |= {key: value for key, value in gate_stats.items() if value is not None}
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
-        entropy = old.get("entropy", update.entropy)
-        run.end_step(step, t0, metrics, batch, advantages, entropy, {"gate": gate.state_dict()})
+        run.end_step(step, t0, metrics, batch, advantages, old.get("entropy", update.entropy),
+                     {"gate": gate.state_dict()})
     run.close()
 
 
@@ -344,29 +343,6 @@ def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mas
     """u = t - s_old on completion tokens, 0 on padding (all detached)."""
     return (teacher_logprobs - old_logprobs).detach() * mask
 
-
-
-# Same as sd.py: choose_peers
-def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
-                 lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
-
-    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
-    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
-    """
-    G = group_size
-    ok = correct.view(-1, G)
-    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
-    if mode == "random":
-        key = torch.rand(candidates.shape, generator=generator)
-    elif mode == "first":
-        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
-    elif mode == "shortest":
-        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
-    else:
-        raise ValueError(f"unknown peer choice {mode!r}")
-    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
-    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ Run:
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 import re
 import time
@@ -39,9 +39,16 @@ from common.args import TrainArgs, check, cli, world_size
 from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce
 from common.example import Example, Verdict
-from common.rollout import select_rows
 from common.run import Run, setup
-from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher, teacher_metrics
+from common.teacher import (
+    ScoredOnce,
+    TeacherMessage,
+    choose_peers,
+    coverage_metrics,
+    ema_update,
+    score_teacher,
+    teacher_metrics,
+)
 from common.update import MicroBatch, Update
 
 
@@ -125,46 +132,46 @@ def contrast_partners(num_groups: int, group_size: int, k: int, seed: int | tupl
 def score_with_problems(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
                         rows: list[int], problem_rows: list[int], gather_index: torch.Tensor) -> dict:
     """Teacher scores of row rows[j]'s own completion and SDPO context after the problem of row problem_rows[j],
-    all in one scoring call, with its log-probs at `gather_index` (the student's top-k) + tail (`gathered`)."""
+    all in one scoring call, with its log-probs at `gather_index` [j, T, k] (the student's top-k) + tail."""
     messages = [sdpo_message(batch.examples[q].prompt, *contexts[i]) for i, q in zip(rows, problem_rows)]
-    selected = dataclasses.replace(batch, rollout=select_rows(batch.rollout, rows))
-    return score_teacher(run, selected, messages, args.max_teacher_prompt_tokens, gather_index=gather_index[rows])
+    return score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, rows, gather_index)
 
 
 def teacher_and_contrast(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
-                         partners: torch.Tensor, gather_index: torch.Tensor) -> tuple[dict, dict]:
-    """The teacher at each row's own problem and, for distilled rows, its C contrasts at the partners' problems, all
-    at the student's top-k in one scoring call (at lam = 0 the teacher's is a call of its own, padded as sd.py's).
-    The contrast scores are [C, B, ...], zero on rows that are not distilled."""
-    B, C, G = len(contexts), args.num_contrast, args.group_size
-    rows = [i for i, c in enumerate(contexts) if c != (None, None)]
-    own, contrast_rows = list(range(B)), rows * C
-    contrast_problems = [G * int(partners[i, k]) for k in range(C) for i in rows]
-    if args.contrast_weight > 0 and rows:
-        scores = score_with_problems(run, args, batch, contexts, own + contrast_rows, own + contrast_problems,
-                                     gather_index)
-        teacher, scored = {k: v[:B] for k, v in scores.items()}, {k: v[B:] for k, v in scores.items()}
+                         partners: torch.Tensor, rows: list[int], gather_index: torch.Tensor) -> dict:
+    """Of `rows`: the teacher at each row's own problem and, for distilled rows, its C contrasts at the partners'
+    problems, at the student's top-k `gather_index` [b, T, k] in one scoring call (at lam = 0 the teacher's is a
+    call of its own, padded as sd.py's). Adds `contrast_logprobs` [b, C, T] and `contrast_gathered`, zero on rows
+    that are not distilled."""
+    b, C, G = len(rows), args.num_contrast, args.group_size
+    picked = [j for j, i in enumerate(rows) if contexts[i] != (None, None)]
+    contrast_rows, contrast_index = [rows[j] for j in picked] * C, gather_index[picked].repeat(C, 1, 1)
+    contrast_problems = [G * int(partners[rows[j], k]) for k in range(C) for j in picked]
+    if args.contrast_weight > 0 and picked:
+        scores = score_with_problems(run, args, batch, contexts, rows + contrast_rows, rows + contrast_problems,
+                                     torch.cat([gather_index, contrast_index]))
+        teacher, scored = {k: v[:b] for k, v in scores.items()}, {k: v[b:] for k, v in scores.items()}
     else:
-        teacher = score_with_problems(run, args, batch, contexts, own, own, gather_index)
+        teacher = score_with_problems(run, args, batch, contexts, rows, rows, gather_index)
         scored = score_with_problems(run, args, batch, contexts, contrast_rows, contrast_problems,
-                                     gather_index) if rows else None
-    contrast = {}
+                                     contrast_index) if picked else None
     for key in ("logprobs", "gathered"):
-        contrast[key] = teacher[key].new_zeros(C, *teacher[key].shape)
+        value = teacher[key].new_zeros(b, C, *teacher[key].shape[1:])
         if scored is not None:
-            contrast[key][:, rows] = scored[key].view(C, len(rows), *teacher[key].shape[1:])
-    return teacher, contrast
+            value[picked] = scored[key].view(C, len(picked), *value.shape[2:]).transpose(0, 1)
+        teacher[f"contrast_{key}"] = value
+    return teacher
 
 
 def contrastive_target(teacher_gathered: torch.Tensor, contrast_gathered: torch.Tensor, weight: float) -> torch.Tensor:
     """log Q = log T - lam * G over the student's top-k + tail buckets, renormalised (Q ∝ T exp(-lam G), Eq. 8).
 
-    teacher_gathered [B, T, k+1]; contrast_gathered [C, B, T, k+1], whose mean over C is G. At lam = 0
+    teacher_gathered [b, T, k+1]; contrast_gathered [b, C, T, k+1], whose mean over C is G. At lam = 0
     T's buckets are returned as they are: they already sum to one, so the loss is SDPO's bit for bit.
     """
     if weight == 0:
         return teacher_gathered
-    logits = teacher_gathered - weight * contrast_gathered.mean(0)
+    logits = teacher_gathered - weight * contrast_gathered.mean(1)
     return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
@@ -172,7 +179,7 @@ def credit_metrics(teacher_logprobs: torch.Tensor, contrast_logprobs: torch.Tens
                    weight: float, mask: torch.Tensor) -> dict[str, float]:
     """On distilled tokens (`mask`), at the sampled token: the subtracted term lam * mean_k c_k, what is left of t,
     its Pearson correlation with t, and how often u - lam * mean_k c_k has the other sign than u = t - s_old."""
-    t, c = teacher_logprobs.double(), contrast_logprobs.mean(0).double()
+    t, c = teacher_logprobs.double(), contrast_logprobs.mean(1).double()
     u = token_credit(teacher_logprobs, old_logprobs, mask)
     flipped = torch.sign(u - weight * c.float() * mask) != torch.sign(u)
     m = mask.double()
@@ -198,8 +205,10 @@ def main(args: Args) -> None:
         mask = batch.rollout.completion_mask.float()
         G = args.group_size
 
-        # 2. Old-policy log-probs s_old and the student's top-k indices to distil over, reference log-probs.
-        old = score_rollout(run, batch, with_entropy=True, topk=args.topk)
+        # 2. Old-policy log-probs s_old and the student's top-k indices to distil over, reference log-probs. With one
+        #    update per batch they come from the update's own forward: no separate pass.
+        one_update = args.ppo_epochs * args.num_minibatches == 1
+        old = {} if one_update else score_rollout(run, batch, with_entropy=True, topk=args.topk)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
@@ -211,22 +220,26 @@ def main(args: Args) -> None:
         partners = contrast_partners(run.local_prompts, G, args.num_contrast, (args.seed, run.d.rank, step))
 
         # 4. Teacher T_t = pi_T(. | x_i, z_i, y_<t) and, for distilled rows, the contrast pi_T(. | x'_k, z_i, y_<t),
-        #    both at the student's top-k + tail, in one scoring call.
-        teacher, contrast = teacher_and_contrast(run, args, batch, contexts, partners, old["topk_index"])
-        t_teach = time.perf_counter()
-
-        # 5. The target Q_t ∝ T_t exp(-lam G_t) over the student's top-k + tail (Eq. 8).
-        target = contrastive_target(teacher["gathered"], contrast["gathered"], args.contrast_weight)
+        #    both at the student's top-k + tail, in one scoring call: with one update per batch, each micro-batch's
+        #    inside the update, after the student's forward (SDPO's code); otherwise the whole batch's, here.
+        teacher = ScoredOnce(len(contexts), functools.partial(teacher_and_contrast, run, args, batch, contexts,
+                                                              partners))
+        if not one_update:
+            teacher(gather_index=old["topk_index"])
         token_advantages = advantages[:, None].expand_as(mask).contiguous()
 
-        # 6. Update: the distillation loss toward Q_t (+ the surrogate if --grpo-coef > 0); the EMA teacher follows.
-        update = Update(run, batch, step, old["logprobs"], token_masks={"distill": distill_mask})
+        # 5-6. Per micro-batch: the target Q_t ∝ T_t exp(-lam G_t) over the student's top-k + tail (Eq. 8); the
+        #    distillation loss toward it (+ the surrogate if --grpo-coef > 0). The EMA teacher follows.
+        update = Update(run, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
         for minibatch in update.minibatches():
             for rows in minibatch.split(args.micro_batch_rows):
-                mb = update.forward(rows, gather_index=old["topk_index"])
-                policy, sums = policy_loss(mb, args, token_advantages, old["logprobs"], ref_logprobs)
-                divergence = generalized_jsd(mb.out["gathered"], target[mb.rows], args.jsd_alpha)  # D_alpha(S_t || Q_t)
-                distill, sums["loss/distill"] = distillation_loss(mb, args, old["logprobs"], divergence, distill_mask)
+                mb = update.forward(rows, gather_index=old.get("topk_index"), topk=args.topk * one_update,
+                                    gather_topk=one_update)
+                t, s_old = teacher(mb.rows, gather_index=mb.out.get("topk_index")), update.old_logprobs
+                target = contrastive_target(t["gathered"], t["contrast_gathered"], args.contrast_weight)
+                policy, sums = policy_loss(mb, args, token_advantages, s_old, ref_logprobs)
+                divergence = generalized_jsd(mb.out["gathered"], target, args.jsd_alpha)  # D_alpha(S_t || Q_t)
+                distill, sums["loss/distill"] = distillation_loss(mb, args, s_old, divergence, distill_mask)
                 loss = policy + distill
                 loss.backward()
                 update.log(sums)
@@ -236,13 +249,13 @@ def main(args: Args) -> None:
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
 
-        credit = token_credit(teacher["logprobs"], old["logprobs"], distill_mask)
-        metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
-        metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, G, step, run.d.is_main)
-        metrics |= credit_metrics(teacher["logprobs"], contrast["logprobs"], old["logprobs"], args.contrast_weight,
-                                  distill_mask)
-        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
-        run.end_step(step, t0, metrics, batch, advantages, old["entropy"])
+        t, s_old = teacher.values, update.old_logprobs
+        metrics |= teacher_metrics(token_credit(t["logprobs"], s_old, distill_mask), t, mask, teacher.seconds)
+        metrics |= coverage_metrics(distilled, batch.rewards >= SDPO_SUCCESS, G, step, run.d.is_main)
+        metrics |= credit_metrics(t["logprobs"], t["contrast_logprobs"], s_old, args.contrast_weight, distill_mask)
+        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen,
+                    "perf/update_s": t_update - t_score - teacher.seconds}
+        run.end_step(step, t0, metrics, batch, advantages, old.get("entropy", update.entropy))
     run.close()
 
 
@@ -313,29 +326,6 @@ def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logpro
         loss = loss + args.beta * aggregate(kl, m, args.loss_agg, mb.num_rows, tokens, args.max_new_tokens)
         stats["loss/kl"] = (kl * m).sum()
     return loss, stats
-
-
-# Same as sd.py: choose_peers
-def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
-                 lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
-
-    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
-    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
-    """
-    G = group_size
-    ok = correct.view(-1, G)
-    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
-    if mode == "random":
-        key = torch.rand(candidates.shape, generator=generator)
-    elif mode == "first":
-        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
-    elif mode == "shortest":
-        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
-    else:
-        raise ValueError(f"unknown peer choice {mode!r}")
-    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
-    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
 # Same as sd.py: environment_feedback

@@ -38,7 +38,7 @@ from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce, unsharded
 from common.example import Example
 from common.run import Run, setup
-from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher, teacher_metrics
+from common.teacher import TeacherMessage, choose_peers, coverage_metrics, ema_update, score_teacher, teacher_metrics
 from common.update import MicroBatch, Update
 
 
@@ -164,7 +164,7 @@ def abs_credit_near(delta: torch.Tensor, mask: torch.Tensor, d: torch.Tensor, wi
 
 
 def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids: torch.Tensor, mask: torch.Tensor,
-                credits: dict[str, torch.Tensor], window: int) -> dict[str, float]:
+                credits: dict[str, torch.Tensor | None], window: int) -> dict[str, float]:
     """Peer coverage, then the divergence diagnostics over failed rows with a peer (left out when there are none)."""
     lengths, peer = mask.sum(-1).long(), peers.clamp(min=0)
     d = divergence_index(ids, ids[peer], lengths, lengths[peer])
@@ -183,6 +183,8 @@ def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids
         return out
     out["hsd/div_index_mean"] = mean(d)
     for suffix, credit in credits.items():
+        if credit is None:  # a teacher not scored at this step
+            continue
         offset = argmin_offset(credit, mask, d)
         out[f"hsd/credit_mass_near_div{suffix}"] = mean(credit_mass_near(credit, mask, d, window))
         out[f"hsd/abs_credit_near_div{suffix}"] = mean(abs_credit_near(credit, mask, d, window))
@@ -195,6 +197,18 @@ def answer_only_logprobs(run: Run, args: Args, batch: Batch) -> torch.Tensor:
     """The answer-only teacher's log-probs of the same rows (the `_answer_only` diagnostics' baseline)."""
     messages = [hsd_message(e, answer_block(e), args.teacher_instruction) for e in batch.examples]
     return score_teacher(run, batch, messages, args.max_teacher_prompt_tokens)["logprobs"]
+
+
+def teacher_messages(batch: Batch, correct: torch.Tensor, args: Args,
+                     generator: torch.Generator) -> tuple[list[TeacherMessage], torch.Tensor]:
+    """Each row's teacher message: a successful peer of its group chosen by --peer (a correct row: none unless
+    --on-success peer) and the answer, or the answer alone; also each row's peer (-1: none)."""
+    peers = choose_peers(correct, args.group_size, args.peer, generator, batch.rollout.lengths.cpu())
+    if args.on_success != "peer":
+        peers[correct] = -1
+    texts = batch.rollout.texts
+    return [hsd_message(e, privileged_block(e, texts[p] if p >= 0 else None), args.teacher_instruction)
+            for e, p in zip(batch.examples, peers.tolist())], peers
 
 
 def main(args: Args) -> None:
@@ -215,16 +229,12 @@ def main(args: Args) -> None:
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
-        # 3. Teacher context c_i: a successful peer of the same group + the answer (answer only without a peer).
+        # 3. Teacher context c_i: a successful peer of the same group + the answer (answer only without a peer); who
+        #    is distilled (--on-success skip: failed rows only).
         correct = torch.tensor([v.correct for v in batch.verdicts])
         generator = torch.Generator().manual_seed((args.seed + run.d.rank) * 1_000_003 + step)  # not the global RNG
-        peers = choose_peers(correct, args.group_size, args.peer, generator, batch.rollout.lengths.cpu())
-        if args.on_success != "peer":
-            peers[correct] = -1
+        messages, peers = teacher_messages(batch, correct, args, generator)
         distilled = (~correct if args.on_success == "skip" else torch.ones_like(correct)).to(run.d.device)
-        texts = batch.rollout.texts
-        messages = [hsd_message(e, privileged_block(e, texts[p] if p >= 0 else None), args.teacher_instruction)
-                    for e, p in zip(batch.examples, peers.tolist())]
 
         # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t), and keeps its final hidden
         #    states, from which the update recomputes its full-vocabulary distribution chunk by chunk.
@@ -233,11 +243,8 @@ def main(args: Args) -> None:
 
         # 5. Diagnostics every --diagnostics-every steps: the answer-only teacher on the same rows, before the update
         #    moves the weights. Every rank scores all its rows (FSDP: the same forwards).
-        answer_only = None
-        if args.diagnostics_every > 0 and step % args.diagnostics_every == 0:
-            t1 = time.perf_counter()
-            answer_only = answer_only_logprobs(run, args, batch)
-            metrics["perf/diagnostics_s"] = time.perf_counter() - t1
+        diagnose = args.diagnostics_every > 0 and step % args.diagnostics_every == 0
+        answer_only = answer_only_logprobs(run, args, batch) if diagnose else None
         t_diag = time.perf_counter()
 
         # 6. Update: lam_sd * Eq. 10's per-token KL (the teacher's LM head inside the student's chunks) + beta *
@@ -263,15 +270,15 @@ def main(args: Args) -> None:
         t_update = time.perf_counter()
 
         # 7. Credit u = t - s_old (0 on rows left out) for the diagnostics, under each teacher scored.
-        credit = token_credit(teacher["logprobs"], update.old_logprobs, distill_mask)
-        credits = {"": credit}
-        if answer_only is not None:
-            credits["_answer_only"] = token_credit(answer_only, update.old_logprobs, mask)
+        s_old = update.old_logprobs
+        credit = token_credit(teacher["logprobs"], s_old, distill_mask)
+        credits = {"": credit, "_answer_only": token_credit(answer_only, s_old, mask) if diagnose else None}
         metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
-        metrics |= distillation_coverage(distilled, correct, args.group_size, step, run.d.is_main)
+        metrics |= coverage_metrics(distilled, correct, args.group_size, step, run.d.is_main)
         metrics |= hsd_metrics(correct.to(run.d.device), peers.to(run.d.device), args.group_size,
                                batch.rollout.completion_ids, mask, credits, args.div_window)
         metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_diag}
+        metrics |= {"perf/diagnostics_s": t_diag - t_teach} if diagnose else {}
         run.end_step(step, t0, metrics, batch, advantages, old.get("entropy", update.entropy))
     run.close()
 
@@ -350,29 +357,6 @@ def token_credit(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mas
     """u = t - s_old on completion tokens, 0 on padding (all detached)."""
     return (teacher_logprobs - old_logprobs).detach() * mask
 
-
-
-# Same as sd.py: choose_peers
-def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
-                 lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
-
-    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
-    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
-    """
-    G = group_size
-    ok = correct.view(-1, G)
-    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
-    if mode == "random":
-        key = torch.rand(candidates.shape, generator=generator)
-    elif mode == "first":
-        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
-    elif mode == "shortest":
-        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
-    else:
-        raise ValueError(f"unknown peer choice {mode!r}")
-    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
-    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from common.batch import Batch, collect_batch, score_rollout
 from common.dist import unsharded
 from common.example import Example, Verdict
 from common.run import setup
-from common.teacher import TeacherMessage, distillation_coverage, ema_update, score_teacher, teacher_metrics
+from common.teacher import TeacherMessage, choose_peers, coverage_metrics, ema_update, teacher_metrics, teacher_scores
 from common.tracking import warn_once
 from common.update import MicroBatch, Update
 
@@ -117,28 +117,6 @@ class Args(TrainArgs):
 
 SDPO_SUCCESS = 0.5
 """SDPO's success_reward_threshold: a rollout with at least this reward is a demonstration for its group."""
-
-
-def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
-                 lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
-
-    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
-    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
-    """
-    G = group_size
-    ok = correct.view(-1, G)
-    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
-    if mode == "random":
-        key = torch.rand(candidates.shape, generator=generator)
-    elif mode == "first":
-        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
-    elif mode == "shortest":
-        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
-    else:
-        raise ValueError(f"unknown peer choice {mode!r}")
-    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
-    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
 
 
 def environment_feedback(example: Example, verdict: Verdict) -> str | None:
@@ -248,7 +226,8 @@ def teacher_messages(batch: Batch, args: Args, generator: torch.Generator) -> tu
 def main(args: Args) -> None:
     args = apply_preset(args)
     logit, full_vocab = args.sd_loss == "logit", args.sd_loss == "logit" and args.topk == 0
-    if full_vocab and args.teacher == "current" and args.ppo_epochs * args.num_minibatches > 1:
+    one_update = args.ppo_epochs * args.num_minibatches == 1
+    if full_vocab and args.teacher == "current" and not one_update:
         raise ArgError("--topk 0 with --teacher current reads the teacher's LM head inside the update, so it needs "
                        "one update per batch: drop --ppo-epochs/--num-minibatches, or use --teacher ema/initial")
     run = setup(args, "sd", teacher_weights=args.teacher, reference=args.beta > 0)
@@ -262,10 +241,9 @@ def main(args: Args) -> None:
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
-        # 2. Old-policy log-probs s_old (logit mode: also the student's top-k to distil over), reference log-probs.
-        #    With one update per batch and no top-k to score the teacher at, s_old comes from the update's forward.
-        on_policy = args.ppo_epochs * args.num_minibatches == 1 and not (logit and args.topk > 0)
-        old = {} if on_policy else score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
+        # 2. Old-policy log-probs s_old (logit mode: and the student's top-k to distil over), reference log-probs.
+        #    With one update per batch they come from the update's own forward: no separate pass.
+        old = {} if one_update else score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
         ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
@@ -274,16 +252,19 @@ def main(args: Args) -> None:
         messages, distilled = teacher_messages(batch, args, generator)
         distill_mask = mask * distilled.to(mask.device)[:, None]
 
-        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t); logit mode: also its
-        #    log-probs at the student's top-k + the tail bucket, or (full vocabulary) its final hidden states.
-        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens,
-                                gather_index=old.get("topk_index"), return_hidden=full_vocab)
-        t_teach = time.perf_counter()
+        # 4. The teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t); logit mode: also its
+        #    log-probs at the student's top-k + the tail bucket, or (full vocabulary) its final hidden states. At the
+        #    student's top-k with one update per batch, each micro-batch inside the update, after the student's
+        #    forward (SDPO's code); otherwise the whole batch, here.
+        teacher = teacher_scores(run, batch, messages, args.max_teacher_prompt_tokens)
+        own_topk = args.topk if logit and one_update else 0
+        if not own_topk:
+            teacher(gather_index=old.get("topk_index"), return_hidden=full_vocab)
 
         # 5-6. Per micro-batch: credit u = t - s_old on distilled rows; token mode: A_t = A_i + lam * u (logit
         #    mode: A_t = A_i); the clipped surrogate, + lam_sd * the distillation loss (logit mode). Full vocabulary:
         #    the teacher's LM head runs on its hidden states inside the student's chunks. The EMA teacher follows.
-        paired = dict(paired_head=run.teacher_model.lm.lm_head,
+        paired = dict(paired_head=run.teacher_model.lm.lm_head, paired_hidden=teacher.values["hidden"],
                       paired_fn=functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)) if full_vocab else {}
         credit, token_advantages = torch.zeros_like(mask), torch.zeros_like(mask)
         lam = 0.0 if logit else args.lam
@@ -291,15 +272,15 @@ def main(args: Args) -> None:
         with unsharded(run.teacher if full_vocab else None):
             for minibatch in update.minibatches():
                 for rows in minibatch.split(args.micro_batch_rows):
-                    mb = update.forward(rows, gather_index=old.get("topk_index"), paired_hidden=teacher.get("hidden"),
-                                        **paired)
-                    s_old = update.old_logprobs
-                    credit[mb.rows] = token_credit(teacher["logprobs"][mb.rows], s_old[mb.rows], distill_mask[mb.rows])
+                    mb = update.forward(rows, gather_index=old.get("topk_index"), topk=own_topk,
+                                        gather_topk=bool(own_topk), **paired)
+                    t, s_old = teacher(mb.rows, gather_index=mb.out.get("topk_index")), update.old_logprobs
+                    credit[mb.rows] = token_credit(t["logprobs"], s_old[mb.rows], distill_mask[mb.rows])
                     token_advantages[mb.rows] = advantages[mb.rows, None] + lam * credit[mb.rows]
                     loss, sums = policy_loss(mb, args, token_advantages, s_old, ref_logprobs)
                     if logit:  # D_alpha(S_t || T_t) per token
                         divergence = mb.out["paired"] if full_vocab else \
-                            generalized_jsd(mb.out["gathered"], teacher["gathered"][mb.rows], args.jsd_alpha)
+                            generalized_jsd(mb.out["gathered"], t["gathered"], args.jsd_alpha)
                         distill, sums["loss/distill"] = distillation_loss(mb, args, s_old, divergence, distill_mask)
                         loss = loss + distill
                     loss.backward()
@@ -310,9 +291,10 @@ def main(args: Args) -> None:
             ema_update(run.teacher, run.policy, args.ema_rate)
         t_update = time.perf_counter()
 
-        metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
-        metrics |= distillation_coverage(distilled, batch.rewards >= SDPO_SUCCESS, args.group_size, step, run.d.is_main)
-        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/update_s": t_update - t_teach}
+        metrics |= teacher_metrics(credit, teacher.values, mask, teacher.seconds)
+        metrics |= coverage_metrics(distilled, batch.rewards >= SDPO_SUCCESS, args.group_size, step, run.d.is_main)
+        metrics |= {"perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen,
+                    "perf/update_s": t_update - t_score - teacher.seconds}
         run.end_step(step, t0, metrics, batch, advantages, old.get("entropy", update.entropy))
     run.close()
 

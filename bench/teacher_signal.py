@@ -37,7 +37,7 @@ from common.logprobs import score_completions  # noqa: E402
 from common.models import load_policy, load_tokenizer  # noqa: E402
 from common.prompts import render_prompts  # noqa: E402
 from common.rollout import generate  # noqa: E402
-from common.teacher import teacher_inputs  # noqa: E402
+from common.teacher import choose_peers, teacher_inputs  # noqa: E402
 from common.verifiers import verify  # noqa: E402
 
 CHAIN_SUM = "rg:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=2"
@@ -66,7 +66,7 @@ def context_messages(context: str, batch: SimpleNamespace, group_size: int, seed
         args = sd.Args(context=context, group_size=group_size)
         return sd.teacher_messages(batch, args, torch.Generator().manual_seed(seed))
     correct = torch.tensor([v.correct for v in batch.verdicts])
-    peers = hsd.choose_peers(correct, group_size, "random", torch.Generator().manual_seed(seed)).tolist()
+    peers = choose_peers(correct, group_size, "random", torch.Generator().manual_seed(seed)).tolist()
     instruction = hsd.Args().teacher_instruction
     return [hsd.hsd_message(e, hsd.privileged_block(e, batch.rollout.texts[p] if p >= 0 else None), instruction)
             for e, p in zip(batch.examples, peers)], \

@@ -1,4 +1,4 @@
-"""The self-distillation teacher: its prompt (a script's template), its scoring pass, its EMA weights, its statistics.
+"""The self-distillation teacher: its prompt (a script's template), its peer, its scoring, its EMA weights, its stats.
 
 The teacher is the same network (or a copy of it: EMA, initial) scoring the same completion tokens
 after a teacher prompt, one user turn rendered with the same chat template and settings as the
@@ -8,13 +8,16 @@ so the problem and the instruction are never cut.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import math
+import time
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
 from common.dist import all_reduce
 from common.logprobs import score_completions
 from common.prompts import render_prompts, tokenize_left
+from common.rollout import select_rows
 
 if TYPE_CHECKING:  # imported where used: a command line parses before transformers loads
     from transformers import PreTrainedTokenizerBase
@@ -60,15 +63,15 @@ def teacher_inputs(tokenizer: PreTrainedTokenizerBase, messages: list[TeacherMes
     return ids, mask, torch.tensor(shortened, device=device)
 
 
-def score_teacher(run, batch, messages: list[TeacherMessage], max_prompt_tokens: int,
+def score_teacher(run, batch, messages: list[TeacherMessage], max_prompt_tokens: int, rows: list[int] | None = None,
                   gather_index: torch.Tensor | None = None, model: torch.nn.Module | None = None, **stats) -> dict:
-    """Teacher log-probs of the batch's own completion tokens after per-row teacher messages.
+    """Teacher log-probs of the batch's own completion tokens (of `rows`, default all) after one message per row.
 
-    `model` defaults to the run's teacher weights. Rows whose teacher prompts are identical (a plain
-    prompt, the same peer) run that prompt once. Also returns `shortened` (rows whose block was cut)
-    and `prompt_len` (teacher prompt tokens) per row.
+    `model` defaults to the run's teacher weights; `gather_index` is given for the rows scored. Rows whose
+    teacher prompts are identical (a plain prompt, the same peer) run that prompt once. Also returns
+    `shortened` (rows whose block was cut) and `prompt_len` (teacher prompt tokens) per row.
     """
-    a, r = run.args, batch.rollout
+    a, r = run.args, batch.rollout if rows is None else select_rows(batch.rollout, rows)
     ids, mask, shortened = teacher_inputs(run.tokenizer, messages, max_prompt_tokens, run.d.device, a.enable_thinking)
     with run.d.autocast():
         out = score_completions(model if model is not None else run.teacher_model, ids, mask, r.completion_ids,
@@ -79,6 +82,63 @@ def score_teacher(run, batch, messages: list[TeacherMessage], max_prompt_tokens:
     return out
 
 
+class ScoredOnce:
+    """A step's per-row scores, each row scored once: the whole batch before the update, or a micro-batch at a time
+    inside it, once the student's forward has given the top-k to score at (SDPO's code). Kept by row for the step's
+    statistics; `seconds` is the time spent scoring."""
+
+    def __init__(self, num_rows: int, score: Callable[..., dict[str, torch.Tensor]]):
+        """score(rows: list[int], gather_index [b, T, k] or None, **stats) -> those rows' values, rows first."""
+        self.num_rows, self.score, self.seconds = num_rows, score, 0.0
+        self.values: dict[str, torch.Tensor] = {}
+        self.scored = torch.zeros(num_rows, dtype=torch.bool)
+
+    def __call__(self, rows: torch.Tensor | None = None, gather_index: torch.Tensor | None = None,
+                 **stats) -> dict[str, torch.Tensor]:
+        """The values of `rows` (default all): scored now, unless they already were."""
+        rows = torch.arange(self.num_rows) if rows is None else rows.cpu()
+        if self.scored[rows].all():
+            return {key: value[rows] for key, value in self.values.items()}
+        start = time.perf_counter()
+        out = self.score(rows.tolist(), gather_index, **stats)
+        for key, value in out.items():
+            if torch.equal(rows, torch.arange(self.num_rows)):  # the whole batch: kept as it is (no copy)
+                self.values[key] = value
+            else:
+                self.values.setdefault(key, value.new_zeros(self.num_rows, *value.shape[1:]))[rows] = value
+        self.scored[rows] = True
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def teacher_scores(run, batch, messages: list[TeacherMessage], max_prompt_tokens: int) -> ScoredOnce:
+    """`score_teacher` of a batch's rows with their messages, each row scored once (see `ScoredOnce`)."""
+    return ScoredOnce(len(messages), lambda rows, gather_index, **stats: score_teacher(
+        run, batch, [messages[i] for i in rows], max_prompt_tokens, rows, gather_index, **stats))
+
+
+def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the batch index of a successful other row of its group, or -1 when there is none.
+
+    correct [B] bool with groups contiguous; `random` draws uniformly (iid keys, argmax), `first` takes the
+    lowest index, `shortest` the fewest `lengths` tokens (ties: lowest index). A row never picks itself.
+    """
+    G = group_size
+    ok = correct.view(-1, G)
+    candidates = ok[:, None, :] & ~torch.eye(G, dtype=torch.bool)  # [P, row, peer]
+    if mode == "random":
+        key = torch.rand(candidates.shape, generator=generator)
+    elif mode == "first":
+        key = torch.zeros(candidates.shape)  # argmax returns the first maximal index
+    elif mode == "shortest":
+        key = -lengths.view(-1, 1, G).float().expand(candidates.shape)
+    else:
+        raise ValueError(f"unknown peer choice {mode!r}")
+    pick = key.masked_fill(~candidates, -math.inf).argmax(-1) + G * torch.arange(ok.shape[0])[:, None]
+    return torch.where(candidates.any(-1), pick, -1).reshape(-1)
+
+
 @torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
     """phi <- (1 - rate) phi + rate theta, parameter by parameter (shard by shard under FSDP2)."""
@@ -86,7 +146,7 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) 
         phi.lerp_(theta.detach(), rate)
 
 
-def distillation_coverage(distilled: torch.Tensor, successful: torch.Tensor, group_size: int, step: int,
+def coverage_metrics(distilled: torch.Tensor, successful: torch.Tensor, group_size: int, step: int,
                           is_main: bool = True) -> dict[str, float]:
     """Fractions of rows distilled and of groups with a success (all ranks); warns when a step distils nothing.
 

@@ -18,7 +18,7 @@ from common.example import Example
 from common.logprobs import naive_token_stats
 from common.prompts import render_prompts
 from common.rollout import generate
-from common.teacher import TeacherMessage, score_teacher
+from common.teacher import TeacherMessage, choose_peers, score_teacher
 from common.verifiers import Verdict
 
 HALF_LOG2 = 0.5 * math.log(2)
@@ -121,7 +121,7 @@ def test_gate_state_dict_round_trip_mid_warmup():
 
 def test_teacher_context_is_appendix_c_with_a_peer_then_the_reference():
     correct = torch.tensor([False, True, True, False, False, False, False, True])
-    assert antisd.choose_peers(correct, 4, "first").tolist() == [1, 2, 1, 1, 7, 7, 7, -1]
+    assert choose_peers(correct, 4, "first").tolist() == [1, 2, 1, 1, 7, 7, 7, -1]
     ok, bad = Verdict(1.0, True, ""), Verdict(0.0, False, "")
     ex = Example("Compute 1+2.", "3", solution="1+2=3\nAnswer: 3")
     tail = "\nNow solve this problem step by step."

@@ -96,7 +96,7 @@ def test_contrastive_target_loss_matches_naive_vocabulary_loop(weight):
     y = torch.randint(0, V, (B, T), generator=g)
     index = token_stats(s_h.detach(), head, y, 1.0, 4, topk=k)["topk_index"]  # the student's top-k (SDPO)
     teacher = token_stats(t_h, head, y, 1.0, 3, gather_index=index)
-    contrast = torch.stack([token_stats(h, head, y, 1.0, 5, gather_index=index)["gathered"] for h in g_h])
+    contrast = torch.stack([token_stats(h, head, y, 1.0, 5, gather_index=index)["gathered"] for h in g_h], dim=1)
     student = token_stats(s_h, head, y, 1.0, 2, gather_index=index)["gathered"]
     target = credit.contrastive_target(teacher["gathered"], contrast, weight)
     loss = credit.generalized_jsd(student, target.detach(), 1.0)
@@ -120,7 +120,8 @@ def test_the_contrast_swaps_only_the_problem_and_one_call_matches_separate_unpad
     rows = [0, 2, 4]  # the rows with a peer (the others succeeded alone in their group)
     assert [c != (None, None) for c in contexts] == [True, False] * 3
     own, problems = list(range(6)), [G * int(partners[i, k]) for k in range(2) for i in rows]
-    merged = credit.score_with_problems(run, args, batch, contexts, own + rows * 2, own + problems, old["topk_index"])
+    index = old["topk_index"][own + rows * 2]
+    merged = credit.score_with_problems(run, args, batch, contexts, own + rows * 2, own + problems, index)
     alone = score_teacher(run, batch, [credit.sdpo_message(e.prompt, *c) for e, c in zip(batch.examples, contexts)],
                           args.max_teacher_prompt_tokens, gather_index=old["topk_index"])
     mask = batch.rollout.completion_mask.float()
@@ -173,16 +174,20 @@ def test_rows_without_a_peer_get_no_contrast_pass_and_no_loss(tiny_model_dir, tm
 
     class Recording(credit.Update):
         def __init__(self, run, batch, step, old_logprobs=None, token_masks=None):
-            seen.append((batch, token_masks["distill"]))
+            seen.append((batch, token_masks["distill"], []))
             super().__init__(run, batch, step, old_logprobs, token_masks)
 
     monkeypatch.setattr(credit, "Update", Recording)
-    calls = []
-    monkeypatch.setattr(credit, "score_teacher", lambda run, batch, messages, *a, **kw:
-                        calls.append(len(messages)) or score(run, batch, messages, *a, **kw))
-    run_script(credit, tiny_model_dir, tmp_path / "c", "--total-steps", "2", "--eval-every", "0")
-    for step, (batch, distill) in enumerate(seen):
+    monkeypatch.setattr(credit, "score_teacher", lambda run, batch, messages, cap, rows, *a, **kw:
+                        seen[-1][2].append(rows) or score(run, batch, messages, cap, rows, *a, **kw))
+    run_script(credit, tiny_model_dir, tmp_path / "c", "--total-steps", "2", "--eval-every", "0",
+               "--micro-batch-rows", "5")
+    for step, (batch, distill, calls) in enumerate(seen):
         ok = torch.tensor([v.correct for v in batch.verdicts]).view(-1, 4)
         has_peer = (ok.sum(1, keepdim=True) - ok.long() > 0).reshape(-1)
         assert torch.equal(distill, batch.rollout.completion_mask.float() * has_peer[:, None])
-        assert calls[step] == len(has_peer) + int(has_peer.sum())  # one call: B teacher rows + distilled rows' contrast
+        # One call per micro-batch (inside the update): its rows' teachers, then its distilled rows' contrasts.
+        chunks = [list(range(i, min(i + 5, len(has_peer)))) for i in range(0, len(has_peer), 5)]
+        assert calls == [rows + [i for i in rows if has_peer[i]] for rows in chunks]
+
+

@@ -16,39 +16,6 @@ from common.logprobs import token_stats
 from common.verifiers import Verdict
 
 
-def test_peer_never_self_same_group_successful_and_fallbacks():
-    # Group 0: all fail; group 1: one success (row 5); group 2: three successes; group 3: all succeed.
-    correct = torch.tensor([0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)
-    lengths = torch.tensor([5, 6, 7, 8, 9, 3, 2, 1, 7, 2, 4, 4, 9, 8, 7, 6])
-    for mode in ("random", "first", "shortest"):
-        for seed in range(20):
-            peers = hsd.choose_peers(correct, 4, mode, torch.Generator().manual_seed(seed), lengths)
-            assert peers.dtype == torch.long and peers.shape == (16,)
-            assert (peers[:4] == -1).all()  # all-fail group: answer-only fallback
-            assert peers[5] == -1 and (peers[[4, 6, 7]] == 5).all()  # the only success has no peer
-            for i, p in enumerate(peers.tolist()[8:], start=8):
-                assert p != i and p // 4 == i // 4 and correct[p]
-    first = hsd.choose_peers(correct, 4, "first")
-    assert first[8:].tolist() == [10, 8, 8, 8, 13, 12, 12, 12]
-    shortest = hsd.choose_peers(correct, 4, "shortest", lengths=lengths)
-    assert shortest[8:].tolist() == [10, 10, 11, 10, 15, 15, 15, 14]  # ties (rows 10, 11) go to the lower index
-
-
-def test_random_peer_is_uniform_over_other_successes_and_leaves_global_rng_alone():
-    correct = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0], dtype=torch.bool)
-    state = torch.random.get_rng_state()
-    draws = torch.stack([hsd.choose_peers(correct, 8, "random", torch.Generator().manual_seed(s)) for s in range(3000)])
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for row, options in [(0, [1, 3, 4, 6]), (3, [1, 4, 6])]:
-        counts = torch.tensor([(draws[:, row] == j).sum().item() for j in options], dtype=torch.float)
-        assert counts.sum() == 3000
-        expected = 3000 / len(options)
-        chi2 = ((counts - expected) ** 2 / expected).sum().item()
-        assert chi2 < 16.3  # chi-square, <= 3 degrees of freedom, p = 0.001
-    again = hsd.choose_peers(correct, 8, "random", torch.Generator().manual_seed(7))
-    assert torch.equal(again, draws[7])
-
-
 def test_hindsight_block_format_and_fallback():
     assert hsd.hindsight_block("12+34=46\nAnswer: 46", "46") == \
         "A correct solution:\n\n12+34=46\nAnswer: 46\n\nThe correct final answer is: 46"

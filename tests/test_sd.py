@@ -395,17 +395,17 @@ def test_opsd_preset_runs_the_full_vocabulary_loss_against_the_initial_model(tin
         run_script(sd, tiny_model_dir, tmp_path / "x", "--sd-loss", "logit", "--topk", "0", "--ppo-epochs", "2")
 
 
-def test_distillation_coverage_counts_and_rate_limits_its_warning(capsys):
+def test_coverage_metrics_counts_and_rate_limits_its_warning(capsys):
     teacher_module._silent_warning["step"] = None
     successful = torch.tensor([True, False, False, False, False, False])  # groups of 3: one with a success
-    got = teacher_module.distillation_coverage(torch.tensor([False, True, True, False, False, False]), successful, 3, 0)
+    got = teacher_module.coverage_metrics(torch.tensor([False, True, True, False, False, False]), successful, 3, 0)
     assert got == {"sd/frac_rows_distilled": pytest.approx(2 / 6), "sd/frac_groups_with_success": 0.5}
     none = torch.zeros(6, dtype=torch.bool)
     warned = []
     for step in range(1, 40):
-        teacher_module.distillation_coverage(none if step != 25 else ~none, none, 3, step)
+        teacher_module.coverage_metrics(none if step != 25 else ~none, none, 3, step)
         warned += [step] * capsys.readouterr().out.count("distils no row")
     assert warned == [1, 11, 21, 26, 36]  # the first silent step, then every 10th; a distilling step resets it
     teacher_module._silent_warning["step"] = None
-    teacher_module.distillation_coverage(none, none, 3, 40, is_main=False)  # other ranks never print
+    teacher_module.coverage_metrics(none, none, 3, 40, is_main=False)  # other ranks never print
     assert capsys.readouterr().out == ""

@@ -48,13 +48,16 @@ CASES = {
     "antisd-revkl": ("antisd", ["--no-gate", "--divergence", "revkl", "--lam-max", "0.7", *TWO_UPDATES]),
     "sd-one-update": ("sd", ["--lam", "0.7", "--grpo-coef", "0.8"]),
     "sd-opsd-one-update": ("sd", ["--preset", "opsd", "--lam-sd", "0.6", "--jsd-alpha", "0.3", "--grpo-coef", "0.5"]),
+    "sd-sdpo-one-update": ("sd", ["--preset", "sdpo", "--lam-sd", "0.6", "--grpo-coef", "0.5"]),
+    "sd-logit-one-update": ("sd", ["--sd-loss", "logit", "--lam-sd", "0.6", "--topk", "5", "--jsd-alpha", "0.3"]),
+    "credit-one-update": ("credit", ["--contrast-weight", "0.3", "--lam-sd", "0.6", "--grpo-coef", "0.5"]),
     "antisd-one-update": ("antisd", ["--no-gate", "--lam-max", "0.7", "--grpo-coef", "0.8"]),
     "hsd": ("hsd", ["--lam-sd", "0.6", "--grpo-coef", "0.5"]),
     "hsd-initial": ("hsd", ["--teacher", "initial", "--beta", "0.3", "--kl-direction", "forward", "--on-success",
                             "skip", "--lam-sd", "0.6", *TWO_UPDATES]),
 }
 ROOT = Path(__file__).resolve().parent.parent
-SEED = {"sd-sdpo": "3", "credit": "3"}
+SEED = {"sd-sdpo": "3", "sd-sdpo-one-update": "3", "credit": "3", "credit-one-update": "3"}
 """Seeds whose batch distils some rows and not others under SDPO's masking (checked below)."""
 
 
@@ -69,14 +72,19 @@ class Recorder:
     def __init__(self, module, monkeypatch):
         self.run, self.batch, self.teacher_prompts, self.updates = None, None, [], []
         collect, inputs, clip = module.collect_batch, common.teacher.teacher_inputs, torch.nn.utils.clip_grad_norm_
+        score, scored_rows = common.teacher.score_teacher, []
 
         def collect_batch(run, *args, **kwargs):
             self.run, self.batch = run, collect(run, *args, **kwargs)
             return self.batch
 
-        def teacher_inputs(*args, **kwargs):
+        def score_teacher(run, batch, messages, max_prompt_tokens, rows=None, *args, **kwargs):
+            scored_rows.append(list(range(len(messages))) if rows is None else list(rows))
+            return score(run, batch, messages, max_prompt_tokens, rows, *args, **kwargs)
+
+        def teacher_inputs(*args, **kwargs):  # each scoring call's rows and teacher prompts, in the order scored
             out = inputs(*args, **kwargs)
-            self.teacher_prompts.append(out[:2])
+            self.teacher_prompts.append((scored_rows.pop(), *out[:2]))
             return out
 
         def clip_grad_norm_(params, *args, **kwargs):
@@ -86,8 +94,33 @@ class Recorder:
             return clip(params, *args, **kwargs)
 
         monkeypatch.setattr(module, "collect_batch", collect_batch)
+        monkeypatch.setattr(common.teacher, "score_teacher", score_teacher)
+        if hasattr(module, "score_teacher"):
+            monkeypatch.setattr(module, "score_teacher", score_teacher)
         monkeypatch.setattr(common.teacher, "teacher_inputs", teacher_inputs)
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
+
+
+def teacher_prompts_by_row(calls: list, B: int) -> tuple[list, list]:
+    """Each row's teacher prompt (ids, mask) and, for CREDIT, its contrast prompts, from the scoring calls: a row's
+    first prompt is its own teacher's, the later ones its contrasts' (in the order scored)."""
+    own, contrasts = [None] * B, [[] for _ in range(B)]
+    for rows, ids, mask in calls:
+        for j, i in enumerate(rows):
+            prompt = (ids[j][mask[j].bool()], mask[j][mask[j].bool()])  # without the left padding
+            if own[i] is None:
+                own[i] = prompt
+            else:
+                contrasts[i].append(prompt)
+    return own, contrasts
+
+
+def left_padded(prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded (ids, mask) prompts as one left-padded batch."""
+    width = max(len(ids) for ids, _ in prompts)
+    ids = torch.stack([torch.cat([ids.new_zeros(width - len(ids)), ids]) for ids, _ in prompts])
+    mask = torch.stack([torch.cat([m.new_zeros(width - len(m)), m]) for _, m in prompts])
+    return ids, mask
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -211,10 +244,11 @@ def context(script: str, args, batch, teacher_prompts: list, initial) -> dict:
            "adv": group_advantages_by_hand(rewards, G, args.adv_scale)}
     if script == "grpo":
         return ctx
-    ids, mask = teacher_prompts[0]
     B = len(lengths)
+    own, contrasts = teacher_prompts_by_row(teacher_prompts, B)
+    ids, mask = left_padded(own)
     with torch.no_grad():
-        ctx["teacher_logp"] = completion_logprobs(initial, ids[:B], mask[:B], r.completion_ids, r.completion_mask,
+        ctx["teacher_logp"] = completion_logprobs(initial, ids, mask, r.completion_ids, r.completion_mask,
                                                   args.temperature)
     ctx["teacher_s"] = ctx["teacher_logp"].gather(-1, r.completion_ids[..., None])[..., 0]
     correct = [v.correct for v in batch.verdicts]
@@ -229,8 +263,10 @@ def context(script: str, args, batch, teacher_prompts: list, initial) -> dict:
         ctx["topk"] = logp0.topk(args.topk, dim=-1).indices
     if script == "credit":
         rows = ctx["distilled"]
+        assert all(len(contrasts[i]) == (i in rows) for i in range(B))  # one contrast (C = 1) for distilled rows
+        ids, mask = left_padded([contrasts[i][0] for i in rows])
         with torch.no_grad():
-            contrast = completion_logprobs(initial, ids[B:], mask[B:], r.completion_ids[rows], r.completion_mask[rows],
+            contrast = completion_logprobs(initial, ids, mask, r.completion_ids[rows], r.completion_mask[rows],
                                            args.temperature)
         ctx["contrast_logp"] = torch.zeros_like(logp0)
         ctx["contrast_logp"][rows] = contrast
@@ -282,11 +318,12 @@ def assert_same_gradient(name: str, lm, grads: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("script, flags, passes", [("grpo", [], 0), ("sd", [], 0), ("sd", ["--preset", "opsd"], 0),
-                                                   ("antisd", [], 0), ("hsd", [], 0), ("sd", ["--preset", "sdpo"], 1),
-                                                   ("credit", [], 1), ("sd", ["--ppo-epochs", "2"], 1)])
+                                                   ("antisd", [], 0), ("hsd", [], 0), ("sd", ["--preset", "sdpo"], 0),
+                                                   ("credit", [], 0), ("sd", ["--ppo-epochs", "2"], 1),
+                                                   ("credit", ["--ppo-epochs", "2"], 1)])
 def test_one_update_per_batch_takes_s_old_from_the_update(script, flags, passes, tmp_path, monkeypatch):
     """With one update per batch the update's own forward is the rollout policy: no separate old-policy pass (its
-    detached log-probs are s_old), except where the teacher is scored at the student's top-k before the update."""
+    detached log-probs are s_old, its top-k the indices the teacher is scored at); with two, one."""
     module = importlib.import_module(script)
     calls, score = [], module.score_rollout
     monkeypatch.setattr(module, "score_rollout", lambda run, batch, model=None, **kw:
@@ -315,7 +352,7 @@ def test_micro_batching_changes_no_metric(script, tmp_path):
         assert {k: second[k] for k in keys} == pytest.approx({k: first[k] for k in keys}, rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["grpo-preset-grpo", "sd-sdpo", "hsd"])
+@pytest.mark.parametrize("name", ["grpo-preset-grpo", "sd-sdpo", "sd-logit-one-update", "hsd"])
 def test_two_ranks_give_the_gradient_of_their_whole_batch(name, tmp_path):
     """torchrun with 2 ranks (FSDP2 over gloo): the averaged gradient is the loss by hand over both ranks' rows
     with the global denominators (rows, tokens, distilled tokens), as one process with the whole batch."""
