@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -107,18 +109,35 @@ def test_real_samples_regenerates_the_recorded_verdicts(tmp_path):
     assert all(b["recorded"] != f["recorded"] for b, f in zip(base, final))
 
 
-def test_overhead_table_gives_ratios_and_lengths():
-    """bench/overhead.py times each configuration against grpo.py and prints their completion lengths."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--steps", "2", "--rounds", "1",
-                           "--only", "grpo", "sd-token", "antisd"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
-            if line.split() and line.split()[0] in ("grpo", "sd-token", "antisd")}
-    assert rows["grpo"][1] == "1.00x"
-    assert float(rows["antisd"][2].rstrip("x")) > 0 and rows["antisd"][3] == "sd-token"  # against its own baseline
-    assert float(rows["antisd"][4].rstrip("x")) > 0  # its teacher pass against sd-token's
-    assert 0 < float(rows["sd-token"][2]) <= 48  # mean completion length, within the toy's token budget
+def test_overhead_replays_one_batch_and_gives_ratios(monkeypatch, capsys):
+    """bench/overhead.py samples one batch, replays it through every configuration (same rows, same tokens) and
+    prints each one's time after generation and whole step against grpo.py and its baseline, with the parts."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import overhead
+
+    seen = []
+    run_config = overhead.run_config
+
+    def recording(name, steps, common, replay):
+        rows = run_config(name, steps, common, replay)
+        seen.append((name, replay.recording, replay.batch.rollout.completion_ids.clone()))
+        return rows
+
+    monkeypatch.setattr(overhead, "run_config", recording)
+    monkeypatch.setattr(sys, "argv", ["overhead.py", "--steps", "2", "--rounds", "1", "--generations", "2",
+                                      "--only", "grpo", "sd-token", "antisd"])
+    overhead.main()
+    out = capsys.readouterr().out
+    assert [(n, r) for n, r, _ in seen] == [("grpo", True), ("grpo", False), ("sd-token", False), ("antisd", False)]
+    assert all(torch.equal(ids, seen[0][2]) for _, _, ids in seen)  # every configuration on the same tokens
+    assert "generation" in out and "(median of 2)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()
+            and line.split()[0] in ("grpo", "sd-token", "antisd")}
+    assert rows["grpo"][1] == "1.00x" and rows["grpo"][2] == "1.00x"
+    passes, vs_sd, ref, step, step_vs_sd = rows["antisd"][1:6]
+    assert ref == "sd-token" and all(float(x.rstrip("x")) > 0 for x in (passes, vs_sd, step, step_vs_sd))
+    score_s, teacher_s, update_s = map(float, rows["sd-token"][3:6])  # no baseline: its cells are empty
+    assert score_s < 0.01 and teacher_s > 0 and update_s > 0  # no old-policy pass at one update per batch
 
 
 def test_overhead_real_flags_are_compare_reals_without_checkpoints():
