@@ -205,15 +205,15 @@ def main(args: Args) -> None:
         t0 = time.perf_counter()
 
         # 1. Rollout and verify; GRPO group advantage A_i.
-        batch = collect_batch(run)
+        batch = collect_batch(run, args)
         t_gen = time.perf_counter()
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
         # 2. Old-policy log-probs s_old (one update per batch: from the update's own forward), reference log-probs.
         one_update = args.ppo_epochs * args.num_minibatches == 1
-        old = {} if one_update else score_rollout(run, batch, with_entropy=True)
-        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        old = {} if one_update else score_rollout(run, args, batch, with_entropy=True)
+        ref_logprobs = score_rollout(run, args, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
         # 3. Teacher context c_i (Appendix C): a correct peer of the group (else the reference), the assessment.
@@ -224,7 +224,7 @@ def main(args: Args) -> None:
                     for e, v, p in zip(batch.examples, batch.verdicts, peers)]
 
         # 4. Teacher scores the same completion tokens, with its full-vocabulary entropy at tau.
-        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, with_entropy=True)
+        teacher = score_teacher(run, args, batch, messages, args.max_teacher_prompt_tokens, with_entropy=True)
         t_teach = time.perf_counter()
 
         # 5. Gate: H = median teacher entropy over every completion token of the batch (all ranks).
@@ -235,7 +235,7 @@ def main(args: Args) -> None:
         # 6-7. Per micro-batch: credit u = t - s_old; delta = -phi(u); token advantage A_t = A_i + g * lam_max * delta;
         #    the clipped surrogate on the token advantages.
         credit, delta, token_advantages = torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask)
-        update = Update(run, batch, step, old.get("logprobs"))
+        update = Update(run, args, batch, step, old.get("logprobs"))
         for minibatch in update.minibatches():
             for rows in minibatch.split(args.micro_batch_rows):
                 mb = update.forward(rows)

@@ -134,7 +134,7 @@ def score_with_problems(run: Run, args: Args, batch: Batch, contexts: list[tuple
     """Teacher scores of row rows[j]'s own completion and SDPO context after the problem of row problem_rows[j],
     all in one scoring call, with its log-probs at `gather_index` [j, T, k] (the student's top-k) + tail."""
     messages = [sdpo_message(batch.examples[q].prompt, *contexts[i]) for i, q in zip(rows, problem_rows)]
-    return score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, rows, gather_index)
+    return score_teacher(run, args, batch, messages, args.max_teacher_prompt_tokens, rows, gather_index)
 
 
 def teacher_and_contrast(run: Run, args: Args, batch: Batch, contexts: list[tuple[str | None, str | None]],
@@ -199,7 +199,7 @@ def main(args: Args) -> None:
         t0 = time.perf_counter()
 
         # 1. Rollout and verify; GRPO group advantage A_i (0 at the paper's --grpo-coef 0).
-        batch = collect_batch(run)
+        batch = collect_batch(run, args)
         t_gen = time.perf_counter()
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
@@ -208,8 +208,8 @@ def main(args: Args) -> None:
         # 2. Old-policy log-probs s_old and the student's top-k indices to distil over, reference log-probs. With one
         #    update per batch they come from the update's own forward: no separate pass.
         one_update = args.ppo_epochs * args.num_minibatches == 1
-        old = {} if one_update else score_rollout(run, batch, with_entropy=True, topk=args.topk)
-        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        old = {} if one_update else score_rollout(run, args, batch, with_entropy=True, topk=args.topk)
+        ref_logprobs = score_rollout(run, args, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
         # 3. SDPO's context z_i (a successful peer, else feedback; rows with neither are not distilled) and
@@ -230,7 +230,7 @@ def main(args: Args) -> None:
 
         # 5-6. Per micro-batch: the target Q_t ∝ T_t exp(-lam G_t) over the student's top-k + tail (Eq. 8); the
         #    distillation loss toward it (+ the surrogate if --grpo-coef > 0). The EMA teacher follows.
-        update = Update(run, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
+        update = Update(run, args, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
         for minibatch in update.minibatches():
             for rows in minibatch.split(args.micro_batch_rows):
                 mb = update.forward(rows, gather_index=old.get("topk_index"), topk=args.topk * one_update,

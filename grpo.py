@@ -161,7 +161,7 @@ def main(args: Args) -> None:
         t0 = time.perf_counter()
 
         # 1. Rollout: G completions per prompt, verified (DAPO: informative groups only).
-        batch = collect_batch(run, shape_rewards if args.overlong_cache > 0 else None)
+        batch = collect_batch(run, args, shape_rewards if args.overlong_cache > 0 else None)
         mask = batch.rollout.completion_mask
         t_gen = time.perf_counter()
 
@@ -173,12 +173,12 @@ def main(args: Args) -> None:
         # minibatch the update's forward is the rollout policy itself: its detached log-probs are
         # pi_old (rho == 1, as in TRL), which saves a whole forward pass (Update takes them from it).
         on_policy = args.ppo_epochs == 1 and args.num_minibatches == 1
-        old = {} if on_policy else score_rollout(run, batch, with_entropy=True)
-        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        old = {} if on_policy else score_rollout(run, args, batch, with_entropy=True)
+        ref_logprobs = score_rollout(run, args, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
         # 4. Clipped-surrogate update (+ KL to the reference): an optimizer step per minibatch.
-        update = Update(run, batch, step, old.get("logprobs"))
+        update = Update(run, args, batch, step, old.get("logprobs"))
         for minibatch in update.minibatches():
             for rows in minibatch.split(args.micro_batch_rows):
                 mb = update.forward(rows)

@@ -196,7 +196,7 @@ def hsd_metrics(correct: torch.Tensor, peers: torch.Tensor, group_size: int, ids
 def answer_only_logprobs(run: Run, args: Args, batch: Batch) -> torch.Tensor:
     """The answer-only teacher's log-probs of the same rows (the `_answer_only` diagnostics' baseline)."""
     messages = [hsd_message(e, answer_block(e), args.teacher_instruction) for e in batch.examples]
-    return score_teacher(run, batch, messages, args.max_teacher_prompt_tokens)["logprobs"]
+    return score_teacher(run, args, batch, messages, args.max_teacher_prompt_tokens)["logprobs"]
 
 
 def teacher_messages(batch: Batch, correct: torch.Tensor, args: Args,
@@ -218,15 +218,15 @@ def main(args: Args) -> None:
         t0 = time.perf_counter()
 
         # 1. Rollout and verify; GRPO group advantage A_i (0 at the paper's --grpo-coef 0).
-        batch = collect_batch(run)
+        batch = collect_batch(run, args)
         t_gen = time.perf_counter()
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
         # 2. Old-policy log-probs s_old (for the surrogate and the credit diagnostics; one update per batch: from the
         #    update's own forward), reference log-probs.
-        old = {} if args.ppo_epochs * args.num_minibatches == 1 else score_rollout(run, batch, with_entropy=True)
-        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        old = {} if args.ppo_epochs * args.num_minibatches == 1 else score_rollout(run, args, batch, with_entropy=True)
+        ref_logprobs = score_rollout(run, args, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
         # 3. Teacher context c_i: a successful peer of the same group + the answer (answer only without a peer); who
@@ -238,7 +238,7 @@ def main(args: Args) -> None:
 
         # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t), and keeps its final hidden
         #    states, from which the update recomputes its full-vocabulary distribution chunk by chunk.
-        teacher = score_teacher(run, batch, messages, args.max_teacher_prompt_tokens, return_hidden=True)
+        teacher = score_teacher(run, args, batch, messages, args.max_teacher_prompt_tokens, return_hidden=True)
         t_teach = time.perf_counter()
 
         # 5. Diagnostics every --diagnostics-every steps: the answer-only teacher on the same rows, before the update
@@ -252,7 +252,7 @@ def main(args: Args) -> None:
         distill_mask = mask * distilled[:, None].float()
         token_advantages = advantages[:, None].expand_as(mask).contiguous()
         kl = functools.partial(token_kl, direction=args.kl_direction)
-        update = Update(run, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
+        update = Update(run, args, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
         with unsharded(run.teacher):  # a separate teacher's head is used inside the policy's forward
             for minibatch in update.minibatches():
                 for rows in minibatch.split(args.micro_batch_rows):

@@ -236,15 +236,15 @@ def main(args: Args) -> None:
         t0 = time.perf_counter()
 
         # 1. Rollout and verify; GRPO group advantage A_i.
-        batch = collect_batch(run)
+        batch = collect_batch(run, args)
         t_gen = time.perf_counter()
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
         # 2. Old-policy log-probs s_old (logit mode: and the student's top-k to distil over), reference log-probs.
         #    With one update per batch they come from the update's own forward: no separate pass.
-        old = {} if one_update else score_rollout(run, batch, with_entropy=True, topk=args.topk if logit else 0)
-        ref_logprobs = score_rollout(run, batch, run.reference)["logprobs"] if run.reference is not None else None
+        old = {} if one_update else score_rollout(run, args, batch, with_entropy=True, topk=args.topk if logit else 0)
+        ref_logprobs = score_rollout(run, args, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
         # 3. Teacher context c_i in the chosen paper's template; who is distilled (SDPO: rows with a peer or feedback).
@@ -256,7 +256,7 @@ def main(args: Args) -> None:
         #    log-probs at the student's top-k + the tail bucket, or (full vocabulary) its final hidden states. At the
         #    student's top-k with one update per batch, each micro-batch inside the update, after the student's
         #    forward (SDPO's code); otherwise the whole batch, here.
-        teacher = teacher_scores(run, batch, messages, args.max_teacher_prompt_tokens)
+        teacher = teacher_scores(run, args, batch, messages, args.max_teacher_prompt_tokens)
         own_topk = args.topk if logit and one_update else 0
         if not own_topk:
             teacher(gather_index=old.get("topk_index"), return_hidden=full_vocab)
@@ -268,7 +268,7 @@ def main(args: Args) -> None:
                       paired_fn=functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)) if full_vocab else {}
         credit, token_advantages = torch.zeros_like(mask), torch.zeros_like(mask)
         lam = 0.0 if logit else args.lam
-        update = Update(run, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
+        update = Update(run, args, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
         with unsharded(run.teacher if full_vocab else None):
             for minibatch in update.minibatches():
                 for rows in minibatch.split(args.micro_batch_rows):

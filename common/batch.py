@@ -33,14 +33,14 @@ RewardShaping = Callable[[Rollout, torch.Tensor], torch.Tensor]
 """(rollout, verifier rewards [B]) -> shaped rewards [B], e.g. DAPO's overlong penalty."""
 
 
-def collect_batch(run, shape_rewards: RewardShaping | None = None) -> Batch:
+def collect_batch(run, args, shape_rewards: RewardShaping | None = None) -> Batch:
     """Roll out G completions for P prompts and verify them; with `--dynamic-sampling`, keep informative groups.
 
     Dynamic sampling (DAPO) draws up to `--max-sampling-rounds` rounds of P prompts and keeps the
     first P groups whose (shaped) rewards are not all equal, topping up with uninformative groups
     when the rounds run out, so that every step has P groups.
     """
-    a = run.args
+    a = args
     G, P = a.group_size, run.local_prompts
     parts, examples, verdicts, rewards, informative, sampled = [], [], [], [], [], 0
     for _ in range(a.max_sampling_rounds if a.dynamic_sampling else 1):
@@ -70,13 +70,13 @@ def collect_batch(run, shape_rewards: RewardShaping | None = None) -> Batch:
                  rewards[rows], sampled)
 
 
-def score_rollout(run, batch: Batch, model: torch.nn.Module | None = None, **stats) -> dict[str, torch.Tensor]:
+def score_rollout(run, args, batch: Batch, model: torch.nn.Module | None = None, **stats) -> dict[str, torch.Tensor]:
     """Log-probs (and `stats`: entropy, top-k) of the sampled tokens after the rows' own prompts, without grad.
 
     `model` defaults to the policy (the rollout policy, before the update: s_old); pass the reference
     model for the KL term. A group's rows share their prompt, so it runs once per group.
     """
-    a, r = run.args, batch.rollout
+    a, r = args, batch.rollout
     with run.d.autocast():
         return score_completions(model if model is not None else run.policy, r.prompt_ids, r.prompt_mask,
                                  r.completion_ids, r.completion_mask, temperature=a.temperature,

@@ -63,15 +63,16 @@ def teacher_inputs(tokenizer: PreTrainedTokenizerBase, messages: list[TeacherMes
     return ids, mask, torch.tensor(shortened, device=device)
 
 
-def score_teacher(run, batch, messages: list[TeacherMessage], max_prompt_tokens: int, rows: list[int] | None = None,
-                  gather_index: torch.Tensor | None = None, model: torch.nn.Module | None = None, **stats) -> dict:
+def score_teacher(run, args, batch, messages: list[TeacherMessage], max_prompt_tokens: int,
+                  rows: list[int] | None = None, gather_index: torch.Tensor | None = None,
+                  model: torch.nn.Module | None = None, **stats) -> dict:
     """Teacher log-probs of the batch's own completion tokens (of `rows`, default all) after one message per row.
 
     `model` defaults to the run's teacher weights; `gather_index` is given for the rows scored. Rows whose
     teacher prompts are identical (a plain prompt, the same peer) run that prompt once. Also returns
     `shortened` (rows whose block was cut) and `prompt_len` (teacher prompt tokens) per row.
     """
-    a, r = run.args, batch.rollout if rows is None else select_rows(batch.rollout, rows)
+    a, r = args, batch.rollout if rows is None else select_rows(batch.rollout, rows)
     ids, mask, shortened = teacher_inputs(run.tokenizer, messages, max_prompt_tokens, run.d.device, a.enable_thinking)
     with run.d.autocast():
         out = score_completions(model if model is not None else run.teacher_model, ids, mask, r.completion_ids,
@@ -111,10 +112,10 @@ class ScoredOnce:
         return out
 
 
-def teacher_scores(run, batch, messages: list[TeacherMessage], max_prompt_tokens: int) -> ScoredOnce:
+def teacher_scores(run, args, batch, messages: list[TeacherMessage], max_prompt_tokens: int) -> ScoredOnce:
     """`score_teacher` of a batch's rows with their messages, each row scored once (see `ScoredOnce`)."""
     return ScoredOnce(len(messages), lambda rows, gather_index, **stats: score_teacher(
-        run, batch, [messages[i] for i in rows], max_prompt_tokens, rows, gather_index, **stats))
+        run, args, batch, [messages[i] for i in rows], max_prompt_tokens, rows, gather_index, **stats))
 
 
 def choose_peers(correct: torch.Tensor, group_size: int, mode: str, generator: torch.Generator | None = None,

@@ -2,7 +2,7 @@
 
 A script's update reads, in its `main()`:
 
-    update = Update(run, batch, step, old_logprobs)     # old_logprobs None: taken from the update's forward
+    update = Update(run, args, batch, step, old_logprobs)   # old_logprobs None: from the update's forward
     for minibatch in update.minibatches():              # --ppo-epochs x --num-minibatches
         for rows in minibatch.split(args.micro_batch_rows):
             mb = update.forward(rows)                   # the policy on these rows, with grad
@@ -46,13 +46,13 @@ class MicroBatch:
 class Update:
     """One batch's `--ppo-epochs` x `--num-minibatches` optimizer steps around a loss the script computes."""
 
-    def __init__(self, run, batch, step: int, old_logprobs: torch.Tensor | None = None,
+    def __init__(self, run, args, batch, step: int, old_logprobs: torch.Tensor | None = None,
                  token_masks: dict[str, torch.Tensor] | None = None):
         """old_logprobs: s_old [B, T] from a separate old-policy pass; None (one update per batch): each forward fills
         `self.old_logprobs` rows with its own detached log-probs and `self.entropy` with its entropies, before
         the script's loss reads them. token_masks: extra [B, T] masks (name -> mask) whose minibatch token
         counts `MicroBatch.tokens` carries."""
-        self.run, self.args, self.rollout = run, run.args, batch.rollout
+        self.run, self.args, self.rollout = run, args, batch.rollout
         self.mask = batch.rollout.completion_mask.float()
         self.masks = {"completion": self.mask, **(token_masks or {})}
         on_policy = old_logprobs is None

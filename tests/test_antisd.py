@@ -145,8 +145,8 @@ def test_teacher_entropy_chunked_equals_full_softmax(policy, tokenizer):
                 for i, e in enumerate(examples)]
     args = antisd.Args(temperature=0.7, logprob_chunk=5, micro_batch_rows=4)
     run = SimpleNamespace(args=args, policy=policy, teacher_model=policy, tokenizer=tokenizer, d=Dist())
-    out = score_teacher(run, SimpleNamespace(rollout=r, examples=examples), messages, args.max_teacher_prompt_tokens,
-                        with_entropy=True)
+    out = score_teacher(run, args, SimpleNamespace(rollout=r, examples=examples), messages,
+                        args.max_teacher_prompt_tokens, with_entropy=True)
     for i in range(6):  # one unpadded full-vocabulary forward per row
         p = tokenizer(render_prompts(tokenizer, [messages[i].text])[0],
                       add_special_tokens=False).input_ids
@@ -206,8 +206,9 @@ def test_peer_is_drawn_from_the_other_correct_rows(tmp_path, monkeypatch):
     the first."""
     calls = []
     score = antisd.score_teacher
-    monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, messages, *a, **kw:
-                        calls.append((batch, [m.block for m in messages])) or score(run, batch, messages, *a, **kw))
+    monkeypatch.setattr(antisd, "score_teacher", lambda run, args, batch, messages, *a, **kw:
+                        calls.append((batch, [m.block for m in messages]))
+                        or score(run, args, batch, messages, *a, **kw))
     flags = ["--total-steps", "3", "--eval-every", "0", "--num-prompts", "4", "--group-size", "8",
              "--max-new-tokens", "48", "--sample-every", "0"]
     run_script(antisd, "toy", tmp_path / "r", *flags)
@@ -223,7 +224,7 @@ def test_peer_is_drawn_from_the_other_correct_rows(tmp_path, monkeypatch):
                 not_first += others[0] not in chosen
     assert not_first > 0
     again = []
-    monkeypatch.setattr(antisd, "score_teacher", lambda run, batch, messages, *a, **kw:
-                        again.append([m.block for m in messages]) or score(run, batch, messages, *a, **kw))
+    monkeypatch.setattr(antisd, "score_teacher", lambda run, args, batch, messages, *a, **kw:
+                        again.append([m.block for m in messages]) or score(run, args, batch, messages, *a, **kw))
     run_script(antisd, "toy", tmp_path / "s", *flags)
     assert again == [blocks for _, blocks in calls]  # seeded: the same draws again

@@ -115,15 +115,15 @@ def test_the_contrast_swaps_only_the_problem_and_one_call_matches_separate_unpad
     batch, contexts = toy_batch(policy, tokenizer, seed=3)
     args = credit.Args(group_size=G, micro_batch_rows=5, logprob_chunk=6, topk=4)
     run = fake_run(policy, tokenizer, args)
-    old = score_rollout(run, batch, with_entropy=True, topk=args.topk)
+    old = score_rollout(run, args, batch, with_entropy=True, topk=args.topk)
     partners = credit.contrast_partners(len(PROBLEMS), G, 2, (1, 0, 0))
     rows = [0, 2, 4]  # the rows with a peer (the others succeeded alone in their group)
     assert [c != (None, None) for c in contexts] == [True, False] * 3
     own, problems = list(range(6)), [G * int(partners[i, k]) for k in range(2) for i in rows]
     index = old["topk_index"][own + rows * 2]
     merged = credit.score_with_problems(run, args, batch, contexts, own + rows * 2, own + problems, index)
-    alone = score_teacher(run, batch, [credit.sdpo_message(e.prompt, *c) for e, c in zip(batch.examples, contexts)],
-                          args.max_teacher_prompt_tokens, gather_index=old["topk_index"])
+    messages = [credit.sdpo_message(e.prompt, *c) for e, c in zip(batch.examples, contexts)]
+    alone = score_teacher(run, args, batch, messages, args.max_teacher_prompt_tokens, gather_index=old["topk_index"])
     mask = batch.rollout.completion_mask.float()
     torch.testing.assert_close(merged["logprobs"][:6], alone["logprobs"], atol=1e-5, rtol=0)
     torch.testing.assert_close(merged["gathered"][:6], alone["gathered"], atol=1e-5, rtol=0)
@@ -173,13 +173,13 @@ def test_rows_without_a_peer_get_no_contrast_pass_and_no_loss(tiny_model_dir, tm
     seen, score = [], credit.score_teacher
 
     class Recording(credit.Update):
-        def __init__(self, run, batch, step, old_logprobs=None, token_masks=None):
+        def __init__(self, run, args, batch, step, old_logprobs=None, token_masks=None):
             seen.append((batch, token_masks["distill"], []))
-            super().__init__(run, batch, step, old_logprobs, token_masks)
+            super().__init__(run, args, batch, step, old_logprobs, token_masks)
 
     monkeypatch.setattr(credit, "Update", Recording)
-    monkeypatch.setattr(credit, "score_teacher", lambda run, batch, messages, cap, rows, *a, **kw:
-                        seen[-1][2].append(rows) or score(run, batch, messages, cap, rows, *a, **kw))
+    monkeypatch.setattr(credit, "score_teacher", lambda run, args, batch, messages, cap, rows, *a, **kw:
+                        seen[-1][2].append(rows) or score(run, args, batch, messages, cap, rows, *a, **kw))
     run_script(credit, tiny_model_dir, tmp_path / "c", "--total-steps", "2", "--eval-every", "0",
                "--micro-batch-rows", "5")
     for step, (batch, distill, calls) in enumerate(seen):

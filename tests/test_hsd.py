@@ -88,14 +88,14 @@ def captured(monkeypatch):
     score, loss = hsd.score_teacher, hsd.policy_loss
 
     class Recording(hsd.Update):
-        def __init__(self, run, batch, step, old_logprobs=None, token_masks=None):
+        def __init__(self, run, args, batch, step, old_logprobs=None, token_masks=None):
             calls["update"].append((batch, token_masks))
-            super().__init__(run, batch, step, old_logprobs, token_masks)
+            super().__init__(run, args, batch, step, old_logprobs, token_masks)
 
     monkeypatch.setattr(batch_module, "verify", coin_verify)
-    monkeypatch.setattr(hsd, "score_teacher", lambda run, batch, messages, *a, **kw:
+    monkeypatch.setattr(hsd, "score_teacher", lambda run, args, batch, messages, *a, **kw:
                         calls["teacher"].append((batch, [m.block for m in messages]))
-                        or score(run, batch, messages, *a, **kw))
+                        or score(run, args, batch, messages, *a, **kw))
     monkeypatch.setattr(hsd, "Update", Recording)
     monkeypatch.setattr(hsd, "policy_loss", lambda mb, args, adv, *a:
                         calls["advantages"].append(adv) or loss(mb, args, adv, *a))
@@ -206,8 +206,8 @@ def test_teacher_message_wording_and_the_instruction_flag_reach_every_teacher_pa
     assert hsd.hsd_message(ex, "B", "Do it.").text == "Compute 12+34.\n\nB\n\nDo it."
     assert hsd.hsd_message(ex, "B", "").text == "Compute 12+34.\n\nB"
     tails, score = [], hsd.score_teacher
-    monkeypatch.setattr(hsd, "score_teacher", lambda run, batch, messages, *a, **kw:
-                        tails.append({m.tail for m in messages}) or score(run, batch, messages, *a, **kw))
+    monkeypatch.setattr(hsd, "score_teacher", lambda run, args, batch, messages, *a, **kw:
+                        tails.append({m.tail for m in messages}) or score(run, args, batch, messages, *a, **kw))
     run_script(tiny_model_dir, tmp_path / "n", "--teacher-instruction", "", "--diagnostics-every", "1")
     assert len(tails) == 4 and all(t == {""} for t in tails)
     tails.clear()

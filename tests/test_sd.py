@@ -362,9 +362,9 @@ def test_sdpo_preset_distils_only_rows_with_a_peer_and_logs_it(tiny_model_dir, t
     seen = []
 
     class Recording(sd.Update):
-        def __init__(self, run, batch, step, old_logprobs=None, token_masks=None):
+        def __init__(self, run, args, batch, step, old_logprobs=None, token_masks=None):
             seen.append((batch, token_masks["distill"]))
-            super().__init__(run, batch, step, old_logprobs, token_masks)
+            super().__init__(run, args, batch, step, old_logprobs, token_masks)
 
     monkeypatch.setattr(batch_module, "verify", coin_verify)
     monkeypatch.setattr(sd, "Update", Recording)

@@ -78,9 +78,9 @@ class Recorder:
             self.run, self.batch = run, collect(run, *args, **kwargs)
             return self.batch
 
-        def score_teacher(run, batch, messages, max_prompt_tokens, rows=None, *args, **kwargs):
+        def score_teacher(run, args, batch, messages, max_prompt_tokens, rows=None, *rest, **kwargs):
             scored_rows.append(list(range(len(messages))) if rows is None else list(rows))
-            return score(run, batch, messages, max_prompt_tokens, rows, *args, **kwargs)
+            return score(run, args, batch, messages, max_prompt_tokens, rows, *rest, **kwargs)
 
         def teacher_inputs(*args, **kwargs):  # each scoring call's rows and teacher prompts, in the order scored
             out = inputs(*args, **kwargs)
@@ -326,8 +326,8 @@ def test_one_update_per_batch_takes_s_old_from_the_update(script, flags, passes,
     detached log-probs are s_old, its top-k the indices the teacher is scored at); with two, one."""
     module = importlib.import_module(script)
     calls, score = [], module.score_rollout
-    monkeypatch.setattr(module, "score_rollout", lambda run, batch, model=None, **kw:
-                        calls.append(model) or score(run, batch, model, **kw))
+    monkeypatch.setattr(module, "score_rollout", lambda run, args, batch, model=None, **kw:
+                        calls.append(model) or score(run, args, batch, model, **kw))
     args = tyro.cli(module.Args, args=[*FLAGS[:FLAGS.index("--micro-batch-rows")], "--output-dir", str(tmp_path),
                                        "--beta", "0", *flags])
     module.main(args)
