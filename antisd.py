@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from common.args import ArgError, TrainArgs, check, cli
-from common.batch import collect_batch, score_rollout
+from common.batch import Batch, collect_batch, score_rollout
 from common.dist import all_reduce, gather_floats
 from common.example import Example, Verdict
 from common.run import setup
@@ -195,6 +195,15 @@ def antisd_metrics(delta: torch.Tensor, credit: torch.Tensor, token_advantages: 
             "antisd/frac_peer_context": (all_reduce(has_peer.float().sum()) / n_rows).item()}
 
 
+def teacher_messages(batch: Batch, args: Args, generator: torch.Generator) -> tuple[list[TeacherMessage], torch.Tensor]:
+    """Each row's teacher message (Appendix C): a correct peer of its group chosen by --peer (else the reference
+    solution) and the assessment of the row's own attempt; also each row's peer (-1: none)."""
+    correct = torch.tensor([v.correct for v in batch.verdicts])
+    peers = choose_peers(correct, args.group_size, args.peer, generator)
+    return [antisd_message(e, v, batch.rollout.texts[p] if p >= 0 else None)
+            for e, v, p in zip(batch.examples, batch.verdicts, peers.tolist())], peers
+
+
 def main(args: Args) -> None:
     run = setup(args, "antisd", reference=args.beta > 0)
     gate = EntropyGate(args.gate_warmup_steps, args.gate_down, args.h_warm_agg, enabled=not args.no_gate)
@@ -217,11 +226,8 @@ def main(args: Args) -> None:
         t_score = time.perf_counter()
 
         # 3. Teacher context c_i (Appendix C): a correct peer of the group (else the reference), the assessment.
-        correct = torch.tensor([v.correct for v in batch.verdicts])
         generator = torch.Generator().manual_seed((args.seed + run.d.rank) * 1_000_003 + step)  # not the global RNG
-        peers = choose_peers(correct, args.group_size, args.peer, generator).tolist()
-        messages = [antisd_message(e, v, batch.rollout.texts[p] if p >= 0 else None)
-                    for e, v, p in zip(batch.examples, batch.verdicts, peers)]
+        messages, peers = teacher_messages(batch, args, generator)
 
         # 4. Teacher scores the same completion tokens, with its full-vocabulary entropy at tau.
         teacher = score_teacher(run, args, batch, messages, args.max_teacher_prompt_tokens, with_entropy=True)
@@ -250,7 +256,7 @@ def main(args: Args) -> None:
         t_update = time.perf_counter()
 
         metrics |= teacher_metrics(credit, teacher, mask, t_teach - t_score)
-        has_peer = torch.tensor([p >= 0 for p in peers], device=mask.device)
+        has_peer = (peers >= 0).to(mask.device)
         metrics |= antisd_metrics(delta, credit, token_advantages, mask, has_peer)
         gate_stats = {"gate/entropy_median": h, "gate/on": g, "gate/h_warm": gate.h_warm}  # H_warm: after warm-up
         metrics |= {key: value for key, value in gate_stats.items() if value is not None}
