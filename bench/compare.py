@@ -38,8 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (script, its flags): the five algorithms with their defaults (each paper's recipe; sd.py's is AntiSD's token
-# frame), sd.py's logit mode and its two published presets (SDPO's and OPSD's official recipes), and HSD with a
-# GRPO reward term beside its distillation (the remedy sources recommend against drift).
+# frame), sd.py's logit mode and its two published presets (SDPO's and OPSD's official recipes), and CREDIT and HSD
+# with a GRPO reward term beside their distillation (the remedy sources recommend against drift).
 CONFIGS = {
     "grpo": ("grpo", []),
     "sd": ("sd", []),
@@ -47,6 +47,7 @@ CONFIGS = {
     "sd-sdpo": ("sd", ["--preset", "sdpo"]),
     "sd-opsd": ("sd", ["--preset", "opsd"]),
     "credit": ("credit", []),
+    "credit-grpo": ("credit", ["--grpo-coef", "1"]),
     "antisd": ("antisd", []),
     "hsd": ("hsd", []),
     "hsd-grpo": ("hsd", ["--grpo-coef", "1"]),
