@@ -227,9 +227,8 @@ def main(args: Args) -> None:
     args = apply_preset(args)
     logit, full_vocab = args.sd_loss == "logit", args.sd_loss == "logit" and args.topk == 0
     one_update = args.ppo_epochs * args.num_minibatches == 1
-    if full_vocab and args.teacher == "current" and not one_update:
-        raise ArgError("--topk 0 with --teacher current reads the teacher's LM head inside the update, so it needs "
-                       "one update per batch: drop --ppo-epochs/--num-minibatches, or use --teacher ema/initial")
+    if full_vocab and args.teacher == "current" and not one_update:  # the teacher's head is read inside the update
+        raise ArgError("--topk 0 with --teacher current needs one update per batch, or --teacher ema/initial")
     run = setup(args, "sd", teacher_weights=args.teacher, reference=args.beta > 0)
     for step in range(run.start_step, args.total_steps):
         metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
@@ -266,8 +265,7 @@ def main(args: Args) -> None:
         #    the teacher's LM head runs on its hidden states inside the student's chunks. The EMA teacher follows.
         paired = dict(paired_head=run.teacher_model.lm.lm_head, paired_hidden=teacher.values["hidden"],
                       paired_fn=functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)) if full_vocab else {}
-        credit, token_advantages = torch.zeros_like(mask), torch.zeros_like(mask)
-        lam = 0.0 if logit else args.lam
+        credit, token_advantages, lam = torch.zeros_like(mask), torch.zeros_like(mask), 0.0 if logit else args.lam
         update = Update(run, args, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
         with unsharded(run.teacher if full_vocab else None):
             for minibatch in update.minibatches():

@@ -101,7 +101,8 @@ def credit_map(module, args) -> dict:
                      "ids": ids, "tokens": [tokenizer.decode([t]) for t in ids], "log_pi_s": student[i, :n].tolist(),
                      "log_pi_t": teacher[i, :n].tolist(), "u": credit[i, :n].tolist(),
                      "advantage": advantages[i, :n].tolist() if advantages is not None else None})
-    return {"script": module.__name__, "model": args.model, "dataset": args.dataset, "rows": rows}
+    return {"script": module.__name__, "context": getattr(args, "context", module.__name__), "model": args.model,
+            "dataset": args.dataset, "rows": rows}
 
 
 def colour(u: float, scale: float) -> str:
@@ -119,7 +120,8 @@ def render_html(data: dict) -> str:
              "</title><style>body{font-family:sans-serif;margin:1em}.row{display:flex;gap:1em;border-top:1px solid "
              "#ccc;padding:.5em 0}.tokens{flex:1;font-family:monospace;white-space:pre-wrap}.context{flex:1;"
              "font-size:85%;white-space:pre-wrap;background:#f6f6f6;padding:.3em}.off{color:#999}</style></head><body>",
-             f"<h1>Credit map: {html.escape(data['script'])}.py</h1><p>model {html.escape(data['model'])}, dataset "
+             f"<h1>Credit map: {html.escape(data['script'])}.py, {html.escape(data['context'])}'s context</h1>"
+             f"<p>model {html.escape(data['model'])}, dataset "
              f"{html.escape(data['dataset'])}. Tokens coloured by u<sub>t</sub> = log &pi;<sub>T</sub> - log "
              f"&pi;<sub>S</sub> (green: the teacher pushes the token up; red: down; opacity sqrt(|u| / {scale:.3g}), "
              f"the 98th percentile of |u|); hover a token for its values. Grey rows are not distilled.</p>"]
@@ -158,7 +160,7 @@ def heatmap(data: dict, path: Path) -> None:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)
     limit = max(float(np.nanmax(np.abs(mean))) if count.any() else 1.0, 1e-6)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
     panels = [(np.log10(np.where(count > 0, count, np.nan)), "viridis", None, "tokens (log10 count)"),
               (mean, "RdYlGn", (-limit, limit), "mean u_t = log pi_T - log pi_S")]
     for ax, (values, cmap, limits, label) in zip(axes, panels):
@@ -167,8 +169,7 @@ def heatmap(data: dict, path: Path) -> None:
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6)
         ax.set_xlabel("pi_S(y_t): student"), ax.set_ylabel("pi_T(y_t): teacher")
         fig.colorbar(image, ax=ax, label=label)
-    fig.suptitle(f"{data['script']}.py, {data['model']}: {len(u)} distilled tokens")
-    fig.tight_layout()
+    fig.suptitle(f"{data['script']}.py, {data['context']}'s context, {data['model']}: {len(u)} distilled tokens")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

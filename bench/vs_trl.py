@@ -17,10 +17,19 @@ log-prob pass, update, step statistics; not the metrics write). Both sides use t
 several times slower and noisy). Prints the median step time of each, the ratio grpo/TRL, and the
 peak RSS of each. The issue's goal is grpo.py <= 0.7x TRL's step time.
 
+`--learning` checks instead that grpo.py learns as TRL does: both sides train the toy default recipe (lr
+3e-4, P 8 x G 8, 48 new tokens, DAPO loss) for 60 steps from the same base, once per seed, and the driver
+scores both final policies with the project's own held-out evaluation (the toy's 200 test problems,
+avg@4 at temperature 1, the same random draws for both); it also prints the mean training reward over
+the last 20 steps of each side.
+
 TRL is an optional dependency, not in requirements.txt:
     pip install trl==1.16.0          # into the environment that runs this script (CPU torch pinned)
     python bench/vs_trl.py                       # 3 rounds x (2 warm-up + 10 timed steps) per side
     python bench/vs_trl.py --rounds 1 --steps 5  # quick look
+    python bench/vs_trl.py --model smollm2-135m --num-prompts 4 --group-size 8 --max-new-tokens 32 \\
+        --rounds 2 --steps 3 --warmup 1          # the real model (toy prompts; step time only)
+    python bench/vs_trl.py --learning            # learning parity: 3 seeds x 60 steps per side
 """
 from __future__ import annotations
 
@@ -46,7 +55,8 @@ INSTALL_HINT = ("bench/vs_trl.py needs TRL, an optional dependency that is not i
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="model directory (default: assets/toy-base, else a random toy model)")
+    p.add_argument("--model", default=None, help="model directory, `toy` or `smollm2-135m` (default: assets/toy-base, "
+                                                 "else a random toy model)")
     p.add_argument("--num-prompts", type=int, default=8, help="P")
     p.add_argument("--group-size", type=int, default=8, help="G")
     p.add_argument("--max-new-tokens", type=int, default=8)
@@ -58,9 +68,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="OMP/MKL threads of both sides (0: torch's default; on a busy machine spin-waiting threads "
                         "make both sides several times slower and noisy)")
+    p.add_argument("--learning", action="store_true",
+                   help="learning parity instead of step time: the toy default recipe for --steps 60 per seed, "
+                        "both final policies scored by the project's held-out evaluation")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="--learning: one run per side per seed")
     p.add_argument("--worker", choices=["trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    if p.parse_known_args(argv)[0].learning:  # the toy default recipe unless the command line says otherwise
+        p.set_defaults(**LEARNING)
     return p.parse_args(argv)
+
+
+LEARNING = {"num_prompts": 8, "group_size": 8, "max_new_tokens": 48, "learning_rate": 3e-4, "steps": 60, "warmup": 0}
+"""--learning's settings: the toy default recipe (P, G, tokens and lr of grpo.py's toy runs) for 60 steps."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,7 +135,12 @@ def trl_worker(a: argparse.Namespace) -> None:
         trainer = GRPOTrainer(model=model, reward_funcs=toy_reward, args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer])
         trainer.train()
-    Path(a.out).write_text(json.dumps({"step_s": timer.steps[a.warmup:], "cycle_s": timer.cycles[a.warmup:]}))
+        if a.learning:  # the final policy, for the driver's held-out evaluation
+            trainer.save_model(str(Path(a.out).with_suffix("")))
+            tokenizer.save_pretrained(str(Path(a.out).with_suffix("")))
+    rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
+    Path(a.out).write_text(json.dumps({"step_s": timer.steps[a.warmup:], "cycle_s": timer.cycles[a.warmup:],
+                                       "rewards": rewards}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,9 +166,12 @@ def fail(side: str, log: Path) -> None:
 
 def resolve_model(a: argparse.Namespace, tmp: Path) -> str:
     if a.model:
-        if not (Path(a.model) / "config.json").exists():
-            sys.exit(f"--model {a.model}: no config.json there")
-        return str(Path(a.model).resolve())
+        from common.models import resolve_model_path
+
+        path = Path(resolve_model_path(a.model))  # `toy`, `smollm2-135m` (converted offline once) or a directory
+        if not (path / "config.json").exists():
+            sys.exit(f"--model {a.model}: no config.json in {path}")
+        return str(path.resolve())
     from common import toy
 
     if (toy.TOY_MODEL_DIR / "config.json").exists():
@@ -154,6 +182,70 @@ def resolve_model(a: argparse.Namespace, tmp: Path) -> str:
     model.save_pretrained(tmp / "toy-random")
     tok.save_pretrained(tmp / "toy-random")
     return str(tmp / "toy-random")
+
+
+def grpo_command(shared: list[str], steps: int, run_dir: Path) -> list[str]:
+    """grpo.py on the configuration TRL runs (DAPO's token-mean loss, group std, no KL, plain sampling)."""
+    return [sys.executable, "grpo.py", *shared, "--loss-agg", "token", "--adv-scale", "group", "--eps-low", "0.2",
+            "--eps-high", "0.28", "--beta", "0", "--temperature", "1.0", "--top-p", "1.0", "--total-steps", str(steps),
+            "--eval-every", "0", "--sample-every", "0", "--output-dir", str(run_dir)]
+
+
+def held_out_accuracy(model_dir: str, seed: int, max_new_tokens: int) -> float:
+    """The project's held-out evaluation of a saved policy: the toy's test problems with a training run's eval
+    defaults (200 problems, avg@4 at temperature 1), the random draws seeded by `seed`."""
+    import torch
+
+    from common.args import TrainArgs
+    from common.data import load_examples
+    from common.dist import Dist
+    from common.evaluation import evaluate
+    from common.models import load_policy, load_tokenizer
+
+    policy = load_policy(model_dir, torch.device("cpu")).eval()
+    torch.manual_seed(seed)
+    metrics, _, _ = evaluate(policy, load_tokenizer(model_dir), load_examples("toy", "test")[:TrainArgs.eval_size],
+                             Dist(), max_new_tokens, TrainArgs.eval_samples, TrainArgs.eval_temperature,
+                             TrainArgs.eval_batch_prompts)
+    return metrics["eval/accuracy"]
+
+
+def learning(a: argparse.Namespace, model: str, tmp: Path) -> None:
+    """Both sides train --steps steps per seed; both final policies get the same held-out evaluation."""
+    rows = []
+    for seed in a.seeds:
+        shared = ["--num-prompts", str(a.num_prompts), "--group-size", str(a.group_size), "--max-new-tokens",
+                  str(a.max_new_tokens), "--learning-rate", str(a.learning_rate), "--seed", str(seed), "--model", model]
+        out, log = tmp / f"trl{seed}.json", tmp / f"trl{seed}.log"
+        code, _ = run_child([sys.executable, str(Path(__file__).resolve()), "--worker", "trl", "--learning", *shared,
+                             "--steps", str(a.steps), "--warmup", "0", "--out", str(out)], log, a.threads)
+        if code != 0 or not out.exists():
+            fail("TRL", log)
+        run_dir, log = tmp / f"grpo{seed}", tmp / f"grpo{seed}.log"
+        code, _ = run_child(grpo_command(shared, a.steps, run_dir), log, a.threads)
+        if code != 0 or not (run_dir / "metrics.jsonl").exists():
+            fail("grpo.py", log)
+        rewards = {"trl": json.loads(out.read_text())["rewards"],
+                   "grpo": [json.loads(line)["reward/mean"] for line in (run_dir / "metrics.jsonl").read_text()
+                            .splitlines() if line.strip()]}
+        accuracy = {"trl": held_out_accuracy(str(out.with_suffix("")), seed, a.max_new_tokens),
+                    "grpo": held_out_accuracy(str(run_dir / "checkpoint" / "model"), seed, a.max_new_tokens)}
+        last = {k: statistics.mean(v[-20:]) for k, v in rewards.items()}
+        rows.append((seed, accuracy, last))
+        print(f"seed {seed}: held-out accuracy grpo.py {accuracy['grpo']:.3f}, TRL {accuracy['trl']:.3f}; mean "
+              f"training reward over the last 20 steps grpo.py {last['grpo']:.3f}, TRL {last['trl']:.3f}", flush=True)
+
+    def summary(values: list[float]) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+    diffs = [acc["grpo"] - acc["trl"] for _, acc, _ in rows]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    print(f"\n{a.steps} steps, seeds {a.seeds}: held-out accuracy (avg@4 at T=1), mean ± std")
+    for key, name in (("grpo", "grpo.py"), ("trl", "TRL")):
+        print(f"{name:<8} accuracy {summary([acc[key] for _, acc, _ in rows])}   last-20 training reward "
+              f"{summary([last[key] for _, _, last in rows])}")
+    print(f"grpo.py - TRL: {statistics.mean(diffs):+.3f} (paired standard error over seeds {se:.3f})")
 
 
 def main() -> None:
@@ -172,9 +264,13 @@ def main() -> None:
         model = resolve_model(a, tmp)
         print(f"model {model} | P={a.num_prompts} G={a.group_size} max_new_tokens={a.max_new_tokens} "
               f"lr={a.learning_rate} seed={a.seed} | "
-              f"{a.rounds} rounds x ({a.warmup} warm-up + {a.steps} timed steps) | "
+              + (f"seeds {a.seeds} x {a.steps} steps per side | " if a.learning else
+                 f"{a.rounds} rounds x ({a.warmup} warm-up + {a.steps} timed steps) | ") +
               f"trl {trl.__version__}, torch {torch.__version__}, "
               f"{a.threads if a.threads > 0 else torch.get_num_threads()} thread(s) per side", flush=True)
+        if a.learning:
+            learning(a, model, tmp)
+            return
         shared = ["--num-prompts", str(a.num_prompts), "--group-size", str(a.group_size),
                   "--max-new-tokens", str(a.max_new_tokens), "--learning-rate", str(a.learning_rate),
                   "--seed", str(a.seed), "--model", model]
@@ -194,10 +290,7 @@ def main() -> None:
             rss["trl"].append(peak)
             # grpo.py
             run_dir, log = tmp / f"grpo{r}", tmp / f"grpo{r}.log"
-            code, peak = run_child([sys.executable, "grpo.py", *shared, "--loss-agg", "token", "--adv-scale", "group",
-                                    "--eps-low", "0.2", "--eps-high", "0.28", "--beta", "0", "--temperature", "1.0",
-                                    "--top-p", "1.0", "--total-steps", str(a.warmup + a.steps), "--eval-every", "0",
-                                    "--sample-every", "0", "--output-dir", str(run_dir)], log, a.threads)
+            code, peak = run_child(grpo_command(shared, a.warmup + a.steps, run_dir), log, a.threads)
             metrics = run_dir / "metrics.jsonl"
             if code != 0 or not metrics.exists():
                 fail("grpo.py", log)

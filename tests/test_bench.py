@@ -218,3 +218,20 @@ def test_compare_run_output_goes_to_a_log_named_in_the_error(tmp_path):
     log = tmp_path / "runs" / "grpo-1.log"
     assert "--learning-rate must be" in log.read_text()
     assert f"output in {log}" in proc.stderr and "--learning-rate must be" in proc.stderr
+
+
+def test_vs_trl_learning_mode_takes_the_toy_recipe_and_the_projects_evaluation(tmp_path):
+    """--learning trains the toy default recipe for 60 steps unless told otherwise, and scores a saved policy with
+    the project's held-out evaluation (the same value for the same seed)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import vs_trl
+
+    a = vs_trl.parse_args(["--learning"])
+    assert (a.steps, a.warmup, a.learning_rate, a.num_prompts, a.group_size, a.max_new_tokens) == (60, 0, 3e-4, 8, 8,
+                                                                                                    48)
+    assert vs_trl.parse_args(["--learning", "--steps", "10", "--seeds", "4"]).steps == 10
+    assert vs_trl.parse_args([]).steps == 10 and vs_trl.parse_args([]).learning_rate == 1e-5  # timing unchanged
+    model = vs_trl.resolve_model(vs_trl.parse_args(["--model", "toy"]), tmp_path)
+    assert (Path(model) / "config.json").exists()
+    first = vs_trl.held_out_accuracy(model, 1, 48)
+    assert 0 < first < 1 and vs_trl.held_out_accuracy(model, 1, 48) == first
