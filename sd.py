@@ -263,7 +263,7 @@ def main(args: Args) -> None:
         # 5-6. Per micro-batch: credit u = t - s_old on distilled rows; token mode: A_t = A_i + lam * u (logit
         #    mode: A_t = A_i); the clipped surrogate, + lam_sd * the distillation loss (logit mode). Full vocabulary:
         #    the teacher's LM head runs on its hidden states inside the student's chunks. The EMA teacher follows.
-        paired = dict(paired_head=run.teacher_model.lm.lm_head, paired_hidden=teacher.values["hidden"],
+        paired = dict(paired_head=run.teacher_model.lm.lm_head, paired_hidden=teacher.values.pop("hidden"),
                       paired_fn=functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)) if full_vocab else {}
         credit, token_advantages, lam = torch.zeros_like(mask), torch.zeros_like(mask), 0.0 if logit else args.lam
         update = Update(run, args, batch, step, old.get("logprobs"), token_masks={"distill": distill_mask})
