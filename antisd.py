@@ -46,17 +46,8 @@ from common.update import MicroBatch, Update
 class Args(TrainArgs):
     """Anti-Self-Distillation: ascend a bounded divergence from the answer-conditioned self-teacher, entropy-gated."""
 
-    # The GRPO frame (grpo.py)
-    adv_scale: Literal["group", "batch", "none"] = "group"
-    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
-    loss_agg: Literal["sequence", "token", "constant"] = "token"
-    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
-    eps_low: float = 0.2
-    """Lower clip range of the ratio."""
     eps_high: float = 0.2
     """Upper clip range of the ratio (AntiSD: PPO clip 0.2; 0.28 is DAPO's clip-higher)."""
-    beta: float = 0.0
-    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
     grpo_coef: float = 1.0
     """Scale of the GRPO advantage."""
 
@@ -82,9 +73,6 @@ class Args(TrainArgs):
 
     def validate(self) -> None:
         super().validate()
-        check(self.eps_low, "eps_low", 0, 1, high_open=True)
-        check(self.eps_high, "eps_high", low=0)
-        check(self.beta, "beta", low=0)
         check(self.grpo_coef, "grpo_coef", low=0)
         check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
         check(self.lam_max, "lam_max", low=0)

@@ -56,17 +56,6 @@ from common.update import MicroBatch, Update
 class Args(TrainArgs):
     """CREDIT: SDPO's self-distillation toward a teacher minus a batch-contrastive baseline (other problems)."""
 
-    # The GRPO frame (grpo.py), for the optional reward term
-    adv_scale: Literal["group", "batch", "none"] = "group"
-    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
-    loss_agg: Literal["sequence", "token", "constant"] = "token"
-    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
-    eps_low: float = 0.2
-    """Lower clip range of the ratio."""
-    eps_high: float = 0.28
-    """Upper clip range of the ratio (DAPO clip-higher)."""
-    beta: float = 0.0
-    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
     grpo_coef: float = 0.0
     """Scale of a GRPO term added to the distillation (CREDIT has none; 1: a reward term against drift)."""
 
@@ -96,9 +85,6 @@ class Args(TrainArgs):
 
     def validate(self) -> None:
         super().validate()
-        check(self.eps_low, "eps_low", 0, 1, high_open=True)
-        check(self.eps_high, "eps_high", low=0)
-        check(self.beta, "beta", low=0)
         check(self.grpo_coef, "grpo_coef", low=0)
         check(self.ema_rate, "ema_rate", 0, 1, low_open=True)
         check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
@@ -219,9 +205,8 @@ def main(args: Args) -> None:
         distill_mask = mask * distilled.to(mask.device)[:, None]
         partners = contrast_partners(run.local_prompts, G, args.num_contrast, (args.seed, run.d.rank, step))
 
-        # 4. Teacher T_t = pi_T(. | x_i, z_i, y_<t) and, for distilled rows, the contrast pi_T(. | x'_k, z_i, y_<t),
-        #    both at the student's top-k + tail, in one scoring call: with one update per batch, each micro-batch's
-        #    inside the update, after the student's forward (SDPO's code); otherwise the whole batch's, here.
+        # 4. Teacher T_t = pi_T(. | x_i, z_i, y_<t) and (distilled rows) contrasts pi_T(. | x'_k, z_i, y_<t) at the
+        #    student's top-k + tail, one scoring call; with one update per batch, per micro-batch inside the update.
         teacher = ScoredOnce(len(contexts), functools.partial(teacher_and_contrast, run, args, batch, contexts,
                                                               partners))
         if not one_update:

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from common.args import TrainArgs, check, cli
+from common.args import TrainArgs, apply_preset, check, cli
 from common.batch import collect_batch, score_rollout
 from common.run import setup
 from common.update import MicroBatch, Update
@@ -46,35 +46,14 @@ class Args(TrainArgs):
     """GRPO / Dr. GRPO / DAPO: group-relative advantages in a PPO clipped surrogate (the toy task by default)."""
 
     preset: Literal["none", "grpo", "dr-grpo", "dapo"] = "none"
-    """Named loss preset: sets the loss fields below that the command line leaves at their defaults."""
-    adv_scale: Literal["group", "batch", "none"] = "group"
-    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
-    loss_agg: Literal["sequence", "token", "constant"] = "token"
-    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
-    eps_low: float = 0.2
-    """Lower clip range of the ratio."""
-    eps_high: float = 0.28
-    """Upper clip range of the ratio (DAPO clip-higher)."""
-    beta: float = 0.0
-    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
+    """Named loss preset: sets the policy-loss fields (adv_scale, loss_agg, eps_low, eps_high, beta: common/args.py)
+    that the command line leaves at their defaults."""
     overlong_cache: int = 0
     """DAPO overlong shaping: penalty ramp over the last N tokens of the budget (0 disables)."""
 
     def validate(self) -> None:
         super().validate()
-        check(self.eps_low, "eps_low", 0, 1, high_open=True)
-        check(self.eps_high, "eps_high", low=0)
-        check(self.beta, "beta", low=0)
         check(self.overlong_cache, "overlong_cache", 0, self.max_new_tokens)
-
-
-def apply_preset(args: Args) -> Args:
-    """Copy the named preset's values onto `args`, except onto fields the command line moved off their defaults."""
-    defaults = Args()
-    for key, value in PRESETS.get(args.preset, {}).items():
-        if getattr(args, key) == getattr(defaults, key):
-            setattr(args, key, value)
-    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,7 +128,7 @@ def policy_loss(mb: MicroBatch, args: Args, advantages: torch.Tensor, old_logpro
 
 
 def main(args: Args) -> None:
-    args = apply_preset(args)
+    args = apply_preset(args, PRESETS)
     run = setup(args, "grpo", reference=args.beta > 0)
 
     def shape_rewards(rollout, rewards):  # DAPO's soft overlong punishment, added to the verifier's reward

@@ -46,15 +46,6 @@ from common.update import MicroBatch, Update
 class Args(TrainArgs):
     """Hindsight Self-Distillation: the self-teacher reads a successful peer rollout of the group and the answer."""
 
-    # The GRPO frame (grpo.py)
-    adv_scale: Literal["group", "batch", "none"] = "group"
-    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
-    loss_agg: Literal["sequence", "token", "constant"] = "token"
-    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
-    eps_low: float = 0.2
-    """Lower clip range of the ratio."""
-    eps_high: float = 0.28
-    """Upper clip range of the ratio (DAPO clip-higher)."""
     beta: float = 0.001
     """Weight of the k3 KL penalty to the frozen initial model (HSD: 0.001; 0 disables the reference model)."""
     grpo_coef: float = 0.0
@@ -86,9 +77,6 @@ class Args(TrainArgs):
 
     def validate(self) -> None:
         super().validate()
-        check(self.eps_low, "eps_low", 0, 1, high_open=True)
-        check(self.eps_high, "eps_high", low=0)
-        check(self.beta, "beta", low=0)
         check(self.grpo_coef, "grpo_coef", low=0)
         check(self.ema_rate, "ema_rate", 0, 1, low_open=True)
         check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
@@ -223,26 +211,22 @@ def main(args: Args) -> None:
         advantages = args.grpo_coef * group_advantages(batch.rewards, args.group_size, args.adv_scale).to(run.d.device)
         mask = batch.rollout.completion_mask.float()
 
-        # 2. Old-policy log-probs s_old (for the surrogate and the credit diagnostics; one update per batch: from the
-        #    update's own forward), reference log-probs.
+        # 2. Old-policy log-probs s_old (one update per batch: from the update's own forward), reference log-probs.
         old = {} if args.ppo_epochs * args.num_minibatches == 1 else score_rollout(run, args, batch, with_entropy=True)
         ref_logprobs = score_rollout(run, args, batch, run.reference)["logprobs"] if run.reference is not None else None
         t_score = time.perf_counter()
 
-        # 3. Teacher context c_i: a successful peer of the same group + the answer (answer only without a peer); who
-        #    is distilled (--on-success skip: failed rows only).
+        # 3. Teacher context c_i: a successful peer of the group + the answer (else the answer alone); who is distilled.
         correct = torch.tensor([v.correct for v in batch.verdicts])
         generator = torch.Generator().manual_seed((args.seed + run.d.rank) * 1_000_003 + step)  # not the global RNG
         messages, peers = teacher_messages(batch, correct, args, generator)
         distilled = (~correct if args.on_success == "skip" else torch.ones_like(correct)).to(run.d.device)
 
-        # 4. Teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t), and keeps its final hidden
-        #    states, from which the update recomputes its full-vocabulary distribution chunk by chunk.
+        # 4. The teacher scores the same tokens: t = log pi_T(y_t | x, c, y_<t); its hidden states go to the update.
         teacher = score_teacher(run, args, batch, messages, args.max_teacher_prompt_tokens, return_hidden=True)
         t_teach = time.perf_counter()
 
-        # 5. Diagnostics every --diagnostics-every steps: the answer-only teacher on the same rows, before the update
-        #    moves the weights. Every rank scores all its rows (FSDP: the same forwards).
+        # 5. Diagnostics every --diagnostics-every steps: the answer-only teacher, before the update moves the weights.
         diagnose = args.diagnostics_every > 0 and step % args.diagnostics_every == 0
         answer_only = answer_only_logprobs(run, args, batch) if diagnose else None
         t_diag = time.perf_counter()

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common.args import ArgError, TrainArgs, check, cli
+from common.args import ArgError, TrainArgs, apply_preset, check, cli
 from common.batch import Batch, collect_batch, score_rollout
 from common.dist import unsharded
 from common.example import Example, Verdict
@@ -58,17 +58,6 @@ class Args(TrainArgs):
     preset: Literal["none", "sdpo", "opsd"] = "none"
     """Published recipe (SDPO's or OPSD's official code): sets the fields below that the command line leaves default."""
 
-    # The GRPO frame (grpo.py)
-    adv_scale: Literal["group", "batch", "none"] = "group"
-    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
-    loss_agg: Literal["sequence", "token", "constant"] = "token"
-    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
-    eps_low: float = 0.2
-    """Lower clip range of the ratio."""
-    eps_high: float = 0.28
-    """Upper clip range of the ratio (DAPO clip-higher)."""
-    beta: float = 0.0
-    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
     grpo_coef: float = 1.0
     """Scale of the GRPO advantage (0 with --sd-loss logit: pure distillation)."""
 
@@ -98,9 +87,6 @@ class Args(TrainArgs):
 
     def validate(self) -> None:
         super().validate()
-        check(self.eps_low, "eps_low", 0, 1, high_open=True)
-        check(self.eps_high, "eps_high", low=0)
-        check(self.beta, "beta", low=0)
         check(self.grpo_coef, "grpo_coef", low=0)
         check(self.ema_rate, "ema_rate", 0, 1, low_open=True)
         check(self.max_teacher_prompt_tokens, "max_teacher_prompt_tokens", low=1)
@@ -109,6 +95,9 @@ class Args(TrainArgs):
         check(self.jsd_alpha, "jsd_alpha", 0, 1)
         check(self.topk, "topk", low=0)
         check(self.is_clip, "is_clip", low=0, low_open=True)
+        full_vocab_current = self.sd_loss == "logit" and self.topk == 0 and self.teacher == "current"
+        if full_vocab_current and self.ppo_epochs * self.num_minibatches > 1:  # its head is read inside the update
+            raise ArgError("--topk 0 with --teacher current needs one update per batch, or --teacher ema/initial")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,11 +213,9 @@ def teacher_messages(batch: Batch, args: Args, generator: torch.Generator) -> tu
 
 
 def main(args: Args) -> None:
-    args = apply_preset(args)
+    args = apply_preset(args, PRESETS)
     logit, full_vocab = args.sd_loss == "logit", args.sd_loss == "logit" and args.topk == 0
     one_update = args.ppo_epochs * args.num_minibatches == 1
-    if full_vocab and args.teacher == "current" and not one_update:  # the teacher's head is read inside the update
-        raise ArgError("--topk 0 with --teacher current needs one update per batch, or --teacher ema/initial")
     run = setup(args, "sd", teacher_weights=args.teacher, reference=args.beta > 0)
     for step in range(run.start_step, args.total_steps):
         metrics = run.evaluate_before(step)  # timed apart from the step: perf/eval_s
@@ -251,18 +238,15 @@ def main(args: Args) -> None:
         messages, distilled = teacher_messages(batch, args, generator)
         distill_mask = mask * distilled.to(mask.device)[:, None]
 
-        # 4. The teacher scores the same completion tokens: t = log pi_T(y_t | x, c, y_<t); logit mode: also its
-        #    log-probs at the student's top-k + the tail bucket, or (full vocabulary) its final hidden states. At the
-        #    student's top-k with one update per batch, each micro-batch inside the update, after the student's
-        #    forward (SDPO's code); otherwise the whole batch, here.
+        # 4. The teacher scores the same tokens: t = log pi_T(y_t | x, c, y_<t) (logit mode: + the student's top-k and
+        #    tail, or its hidden states); at the top-k with one update per batch, per micro-batch inside the update.
         teacher = teacher_scores(run, args, batch, messages, args.max_teacher_prompt_tokens)
         own_topk = args.topk if logit and one_update else 0
         if not own_topk:
             teacher(gather_index=old.get("topk_index"), return_hidden=full_vocab)
 
-        # 5-6. Per micro-batch: credit u = t - s_old on distilled rows; token mode: A_t = A_i + lam * u (logit
-        #    mode: A_t = A_i); the clipped surrogate, + lam_sd * the distillation loss (logit mode). Full vocabulary:
-        #    the teacher's LM head runs on its hidden states inside the student's chunks. The EMA teacher follows.
+        # 5-6. Per micro-batch: u = t - s_old on distilled rows; A_t = A_i + lam * u (token mode); the clipped
+        #    surrogate + lam_sd * D_alpha (logit mode; full vocabulary: the teacher's head in the student's chunks).
         paired = dict(paired_head=run.teacher_model.lm.lm_head, paired_hidden=teacher.values.pop("hidden"),
                       paired_fn=functools.partial(full_vocab_jsd, alpha=args.jsd_alpha)) if full_vocab else {}
         credit, token_advantages, lam = torch.zeros_like(mask), torch.zeros_like(mask), 0.0 if logit else args.lam
@@ -300,15 +284,6 @@ def main(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Copies of small functions another script defines (kept identical by tests/test_layout.py).
 
-
-# Same as grpo.py: apply_preset
-def apply_preset(args: Args) -> Args:
-    """Copy the named preset's values onto `args`, except onto fields the command line moved off their defaults."""
-    defaults = Args()
-    for key, value in PRESETS.get(args.preset, {}).items():
-        if getattr(args, key) == getattr(defaults, key):
-            setattr(args, key, value)
-    return args
 
 
 # Same as grpo.py: group_advantages

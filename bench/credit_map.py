@@ -34,6 +34,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.args import apply_preset  # noqa: E402
 from common.batch import collect_batch, score_rollout  # noqa: E402
 from common.data import PromptSampler, load_examples  # noqa: E402
 from common.dist import Dist  # noqa: E402
@@ -51,7 +52,7 @@ def parse(argv: list[str]):
         raise SystemExit(f"usage: credit_map.py {{{','.join(SCRIPTS)}}} [the script's flags]  (got {argv[:1]})")
     module = importlib.import_module(argv[0])
     args = tyro.cli(module.Args, args=argv[1:], prog=f"credit_map.py {argv[0]}")
-    return module, module.apply_preset(args) if hasattr(module, "apply_preset") else args
+    return module, apply_preset(args, getattr(module, "PRESETS", {}))
 
 
 def teacher_messages(module, args, batch, generator: torch.Generator) -> tuple[list, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The `TrainArgs` fields every script shares (model, data, batch, optimisation, eval, logging), their allowed
+"""The `TrainArgs` fields every script shares (model, data, batch, optimisation, the GRPO frame's policy loss,
+eval, logging), their allowed
 ranges, and `cli()`: parse, validate, refuse an existing run directory, all before torch models or data load.
 
 Validation runs when a `TrainArgs` is constructed (`__post_init__` -> `validate()`), again at the start of
@@ -8,7 +9,7 @@ extending `validate`:
 
     def validate(self) -> None:
         super().validate()
-        check(self.eps_low, "eps_low", low=0, high=1, high_open=True)
+        check(self.lam, "lam", low=0)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 from common import errors
 from common.errors import UserError
@@ -159,6 +160,18 @@ class TrainArgs:
     lora_targets: str = "all-linear"
     """Modules that get adapters: `all-linear` (every linear layer but the LM head) or names, e.g. `q_proj,v_proj`."""
 
+    # policy loss: the GRPO frame every script shares (grpo.py's group advantage and clipped surrogate)
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
+    loss_agg: Literal["sequence", "token", "constant"] = "token"
+    """Loss aggregation: per-row mean (GRPO), token mean (DAPO), or / (rows * max_new_tokens) (Dr. GRPO)."""
+    eps_low: float = 0.2
+    """Lower clip range of the ratio."""
+    eps_high: float = 0.28
+    """Upper clip range of the ratio (DAPO clip-higher)."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the frozen initial model (0 disables the reference model)."""
+
     # evaluation and logging
     eval_every: int = 10
     """Evaluate every N steps (and at step 0 and the last step); 0 turns evaluation off."""
@@ -230,6 +243,9 @@ class TrainArgs:
         if self.eval_max_new_tokens is not None:
             check(self.eval_max_new_tokens, "eval_max_new_tokens", low=1)
         check(self.eval_batch_prompts, "eval_batch_prompts", low=1)
+        check(self.eps_low, "eps_low", 0, 1, high_open=True)
+        check(self.eps_high, "eps_high", low=0)
+        check(self.beta, "beta", low=0)
         check(self.lora_rank, "lora_rank", low=0)
         if self.lora_alpha is not None:
             check(self.lora_alpha, "lora_alpha", low=0, low_open=True)
@@ -262,6 +278,15 @@ def check_run_dir(args: TrainArgs) -> None:
 
 
 T = TypeVar("T", bound=TrainArgs)
+
+
+def apply_preset(args: T, presets: dict[str, dict[str, Any]]) -> T:
+    """Copy `presets[args.preset]` onto `args`, except onto fields the command line moved off their defaults."""
+    defaults = type(args)()
+    for key, value in presets.get(getattr(args, "preset", "none"), {}).items():
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
+    return args
 
 
 def cli(cls: type[T], args: list[str] | None = None, **tyro_kwargs: Any) -> T:

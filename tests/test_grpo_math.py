@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from grpo import PRESETS, Args, aggregate, apply_preset, clipped_surrogate, group_advantages, k3_kl, overlong_penalty
+from common.args import apply_preset
+from grpo import PRESETS, Args, aggregate, clipped_surrogate, group_advantages, k3_kl, overlong_penalty
 
 
 def test_group_advantages_by_hand():
@@ -77,11 +78,11 @@ def test_overlong_penalty():
 
 
 def test_presets_set_fields():
-    a = apply_preset(Args(preset="dr-grpo"))
+    a = apply_preset(Args(preset="dr-grpo"), PRESETS)
     assert (a.adv_scale, a.loss_agg, a.beta) == ("none", "constant", 0.0)
-    a = apply_preset(Args(preset="dapo"))
+    a = apply_preset(Args(preset="dapo"), PRESETS)
     assert (a.loss_agg, a.eps_high, a.dynamic_sampling) == ("token", 0.28, True)
-    assert apply_preset(Args()).loss_agg == "token" and set(PRESETS) == {"grpo", "dr-grpo", "dapo"}
+    assert apply_preset(Args(), PRESETS).loss_agg == "token" and set(PRESETS) == {"grpo", "dr-grpo", "dapo"}
     # An explicit flag wins over the preset (README's DAPO recipe sets its own overlong cache).
-    a = apply_preset(Args(preset="dapo", overlong_cache=512, max_new_tokens=4096))
+    a = apply_preset(Args(preset="dapo", overlong_cache=512, max_new_tokens=4096), PRESETS)
     assert (a.overlong_cache, a.dynamic_sampling, a.eps_high) == (512, True, 0.28)

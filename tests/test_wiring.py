@@ -26,7 +26,7 @@ import tyro
 from transformers import AutoModelForCausalLM
 
 import common.teacher
-from common.args import cli
+from common.args import apply_preset, cli
 from common.models import resolve_model_path
 
 FLAGS = ["--model", "toy", "--num-prompts", "4", "--group-size", "4", "--total-steps", "1", "--eval-every", "0",
@@ -283,7 +283,7 @@ def test_gradient_matches_the_formula_by_hand(name, tmp_path, monkeypatch):
     script, extra = CASES[name]
     module = importlib.import_module(script)
     args = tyro.cli(module.Args, args=case_flags(name, tmp_path))
-    args = module.apply_preset(args) if hasattr(module, "apply_preset") else args
+    args = apply_preset(args, getattr(module, "PRESETS", {}))
     recorder = Recorder(module, monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -364,7 +364,7 @@ def test_two_ranks_give_the_gradient_of_their_whole_batch(name, tmp_path):
     script, extra = CASES[name]
     module = importlib.import_module(script)
     args = tyro.cli(module.Args, args=case_flags(name, tmp_path / "run"))
-    args = module.apply_preset(args) if hasattr(module, "apply_preset") else args
+    args = apply_preset(args, getattr(module, "PRESETS", {}))
     records = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     initial = model_with(records[0]["updates"][0][0])
     ctxs = [context(script, args, rec["batch"], rec["teacher_prompts"], initial) for rec in records]
