@@ -6,6 +6,8 @@ independent), collects each `metrics.jsonl`, and writes into `--out`:
   summary.csv       held-out accuracy per algorithm at step 0 and at the end, and the gain: mean, std,
                     min, max over seeds; the number of eval problems and the gain's standard error, both
                     unpaired (conservative) and paired over problems (from each run's eval_scores.jsonl)
+  runs.csv          one row per run: first and last accuracy, the gain, its paired standard error, and the
+                    problems wrong at the first evaluation and right at the last (better), and back (worse)
   diagnostics.csv   per (algorithm, seed): the mean over the run of each diagnostic below
   curves.png        accuracy vs step and vs wall time, mean +- std band over seeds
   diagnostics.png   the algorithms' own signals: SD pMI per row, CREDIT contrast term, AntiSD gate
@@ -16,6 +18,7 @@ independent), collects each `metrics.jsonl`, and writes into `--out`:
     python bench/compare.py --quick              # 1 seed, a few steps: checks the pipeline end to end
     python bench/compare.py --real               # the five scripts on SmolLM2-135M and a reasoning-gym task
     python bench/compare.py --real --reuse       # continue it: finished runs are read, interrupted ones resume
+    python bench/compare.py --real --algorithms grpo:1,2 sd      # seeds per algorithm: grpo's 1 and 2, sd's --seeds
 
 Runs go `--jobs` at a time (default: one per CPU core; one with `--real`), each with one torch thread, so a
 run's metrics do not depend on how many run beside it; each run's output goes to `runs/{algorithm}-{seed}.log`.
@@ -206,17 +209,29 @@ def gain_standard_error(first: float, final: float, n: int) -> float:
     return (first * (1 - first) / n + final * (1 - final) / n) ** 0.5
 
 
-def paired_standard_error(run_dir: Path) -> float:
-    """Standard error of the gain from the per-problem scores of the first and last evaluation (eval_scores.jsonl):
-    sd(d) / sqrt(n) with d_i = last_i - first_i, the paired estimate (the same problems evaluated twice); NaN
-    when the run has no such file."""
+def score_changes(run_dir: Path) -> tuple[float, float, float]:
+    """From the per-problem scores of the first and last evaluation (eval_scores.jsonl), d_i = last_i - first_i:
+    the gain's paired standard error sd(d) / sqrt(n) (the same problems evaluated twice), the summed gains of the
+    problems that improved (with greedy 0/1 scores: the count of wrong -> right) and the summed losses of those
+    that got worse; NaN when the run has no such file."""
     path = run_dir / "eval_scores.jsonl"
     if not path.exists():
-        return math.nan
+        return math.nan, math.nan, math.nan
     evals = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    first, last = evals[0]["scores"], evals[-1]["scores"]
-    d = [b - a for a, b in zip(first, last)]
-    return statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else math.nan
+    d = [b - a for a, b in zip(evals[0]["scores"], evals[-1]["scores"])]
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else math.nan
+    return se, sum(x for x in d if x > 0), -sum(x for x in d if x < 0)
+
+
+def algorithm_seeds(text: str) -> tuple[str, list[int] | None]:
+    """`NAME` or `NAME:SEED,SEED...` (seeds of that algorithm only) -> (name, seeds or None for --seeds)."""
+    name, _, seeds = text.partition(":")
+    if name not in CONFIGS:
+        raise argparse.ArgumentTypeError(f"unknown algorithm {name!r} (choose from {', '.join(CONFIGS)})")
+    try:
+        return name, [int(x) for x in seeds.split(",")] if seeds else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds of {name} must be integers, as grpo:1,2 (got {seeds!r})") from None
 
 
 def main() -> None:
@@ -224,8 +239,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 1 2 3 (--real: 1)")
     p.add_argument("--steps", type=int, default=None, help="default: 60 (--real: 40)")
     p.add_argument("--eval-every", type=int, default=None, help="default: 10 (--real: 20)")
-    p.add_argument("--algorithms", nargs="+", default=None, choices=list(CONFIGS),
-                   help="default: all nine configurations (--real: the five scripts)")
+    p.add_argument("--algorithms", nargs="+", type=algorithm_seeds, default=None, metavar="NAME[:SEEDS]",
+                   help=f"of {', '.join(CONFIGS)}, each optionally with its own seeds, as grpo:1,2 (default: all "
+                        "ten configurations; --real: the five scripts)")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time, one thread each (default: one per CPU "
                                                           "core; --real: 1)")
     p.add_argument("--out", type=Path, default=None, help="default: results/ (--real: results/real/)")
@@ -240,15 +256,16 @@ def main() -> None:
     real = a.real
     a.seeds = a.seeds or ([1] if real else [1, 2, 3])
     a.steps, a.eval_every = a.steps or (40 if real else 60), a.eval_every or (20 if real else 10)
-    a.algorithms = a.algorithms or (REAL_SCRIPTS if real else list(CONFIGS))
+    a.algorithms = a.algorithms or [(name, None) for name in (REAL_SCRIPTS if real else CONFIGS)]
     a.jobs = a.jobs or (1 if real else os.cpu_count() or 1)
     a.out = a.out or ROOT / "results" / ("real" if real else "")
     extra = (["--model", a.model, "--dataset", a.dataset, *REAL_FLAGS] if real else []) + list(a.extra)
     if a.quick:
         a.seeds, a.steps, a.eval_every = a.seeds[:1], 3, 2
+        a.algorithms = [(name, seeds and seeds[:1]) for name, seeds in a.algorithms]
         extra += ["--eval-size", "16", "--num-prompts", "4", "--group-size", "4"]
     a.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(alg, seed) for alg in a.algorithms for seed in a.seeds]
+    jobs = [(alg, seed) for alg, seeds in a.algorithms for seed in seeds or a.seeds]
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         done = pool.map(lambda job: run_one(*job, a.steps, a.eval_every, a.out,
                                             extra + (real_recipe(CONFIGS[job[0]][0]) if real else []), a.reuse), jobs)
@@ -271,7 +288,7 @@ def main() -> None:
         w.writerow(["algorithm", "seeds", "initial_mean", "final_mean", "final_std", "final_min", "final_max",
                     "gain_mean", "gain_std", "gain_min", "gain_max", "train_s_mean", "eval_n", "gain_se_mean",
                     "gain_se_paired_mean"])
-        print(f"\nheld-out accuracy ({eval_label}), {a.steps} steps, seeds {a.seeds}")
+        print(f"\nheld-out accuracy ({eval_label}), {a.steps} steps")
         print(f"{'algorithm':<12} {'initial':>8} {'final':>15} {'gain':>15} {'min gain':>9} {'train s':>8} "
               f"{'gain se':>8} {'paired':>7}")
         for alg, by_seed in results.items():
@@ -280,11 +297,20 @@ def main() -> None:
             final_s, gain_s = spread(final), spread([b - f for f, b in zip(first, final)])
             train_s = statistics.mean(wall_times(rows)[-1] for rows in by_seed.values())
             se = statistics.mean(gain_standard_error(f, b, eval_n) for f, b in zip(first, final))
-            paired = statistics.mean(paired_standard_error(a.out / "runs" / f"{alg}-{seed}") for seed in by_seed)
+            paired = statistics.mean(score_changes(a.out / "runs" / f"{alg}-{seed}")[0] for seed in by_seed)
             w.writerow([alg, len(final), f"{statistics.mean(first):.4f}", *(f"{v:.4f}" for v in final_s),
                         *(f"{v:.4f}" for v in gain_s), f"{train_s:.1f}", eval_n, f"{se:.4f}", f"{paired:.4f}"])
             print(f"{alg:<12} {statistics.mean(first):>8.3f} {final_s[0]:>8.3f} ± {final_s[1]:.3f} "
                   f"{gain_s[0]:>+8.3f} ± {gain_s[1]:.3f} {gain_s[2]:>+9.3f} {train_s:>8.0f} {se:>8.3f} {paired:>7.3f}")
+    with open(a.out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["algorithm", "seed", "initial", "final", "gain", "gain_se_paired", "better", "worse", "train_s"])
+        for alg, by_seed in results.items():
+            for seed, rows in by_seed.items():
+                first, final = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
+                se, better, worse = score_changes(a.out / "runs" / f"{alg}-{seed}")
+                w.writerow([alg, seed, f"{first:.4f}", f"{final:.4f}", f"{final - first:.4f}", f"{se:.4f}",
+                            f"{better:g}", f"{worse:g}", f"{wall_times(rows)[-1]:.1f}"])
     with open(a.out / "diagnostics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seed", "metric", "run_mean"])
@@ -293,7 +319,7 @@ def main() -> None:
                 for key, value in diagnostic_means(rows, diagnostics_of(alg)).items():
                     w.writerow([alg, seed, key, f"{value:.5f}"])
     plot(results, a.out, eval_label)
-    print(f"\nwrote {a.out}/curves.csv, summary.csv, diagnostics.csv, curves.png, diagnostics.png")
+    print(f"\nwrote {a.out}/curves.csv, summary.csv, runs.csv, diagnostics.csv, curves.png, diagnostics.png")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """bench/compare.py --quick: every algorithm runs, and the CSVs and figures come out consistent."""
+import argparse
 import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +59,7 @@ def test_compare_real_mode_resumes_and_reports_the_standard_error(tmp_path):
     reports eval_n and the gain's standard error, and --reuse resumes an interrupted run from its checkpoint."""
     def compare(steps: int, *flags: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--real", "--model", "toy", "--dataset", "toy",
-               "--algorithms", "grpo", "--steps", str(steps), "--eval-every", "1", "--out", str(tmp_path), *flags,
+               "--algorithms", "grpo:1", "--steps", str(steps), "--eval-every", "1", "--out", str(tmp_path), *flags,
                "--", "--eval-size", "12", "--num-prompts", "2", "--group-size", "4", "--max-new-tokens", "16"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,6 +85,27 @@ def test_compare_real_mode_resumes_and_reports_the_standard_error(tmp_path):
     mean = sum(d) / n
     paired = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
     assert abs(float(summary["gain_se_paired_mean"]) - paired) < 1e-4 and abs(mean - (p1 - p0)) < 1e-9
+    # runs.csv: the run's own row, with the problems that changed counted one by one.
+    (run,) = csv.DictReader((tmp_path / "runs.csv").open())
+    better = sum(1 for a, b in zip(evals[0]["scores"], evals[-1]["scores"]) if (a, b) == (0, 1))
+    worse = sum(1 for a, b in zip(evals[0]["scores"], evals[-1]["scores"]) if (a, b) == (1, 0))
+    assert (run["algorithm"], run["seed"], float(run["gain"])) == ("grpo", "1", pytest.approx(p1 - p0, abs=1e-4))
+    assert (float(run["better"]), float(run["worse"])) == (better, worse)
+    assert float(run["gain_se_paired"]) == pytest.approx(paired, abs=1e-4)
+
+
+def test_compare_takes_seeds_per_algorithm():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import compare
+
+    assert compare.algorithm_seeds("grpo:1,2") == ("grpo", [1, 2])
+    assert compare.algorithm_seeds("credit-grpo") == ("credit-grpo", None)
+    for bad in ("gpro", "grpo:1,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="unknown algorithm|must be integers"):
+            compare.algorithm_seeds(bad)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--algorithms", "grpo:one"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "must be integers" in proc.stderr
 
 
 def test_real_samples_regenerates_the_recorded_verdicts(tmp_path):
