@@ -19,6 +19,7 @@ from common.sandbox import code_verify, extract_code
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 2.0
+ENDS_BY_ITSELF_TIMEOUT_S = 30.0  # a hostile case that cannot hit the clock: its check must not depend on machine load
 IS_ROOT = os.geteuid() == 0
 TESTS = ["assert f() == 1"]
 
@@ -388,14 +389,15 @@ def test_hostile_program(name, tmp_path, sandbox_tmp, monkeypatch, listener):
         port=listener.getsockname()[1], parent_pid=os.getpid(), comm=comm)
     before, own_hash = repo_files(), hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
+    timeout_s = TIMEOUT_S if "timed out" in feedback else ENDS_BY_ITSELF_TIMEOUT_S
     start = time.monotonic()
-    v = code_verify(f"```python\n{source}\n```", TESTS, timeout_s=TIMEOUT_S, memory_mb=256)
+    v = code_verify(f"```python\n{source}\n```", TESTS, timeout_s=timeout_s, memory_mb=256)
     elapsed = time.monotonic() - start
 
     assert v.reward == 0.0 and not v.correct, v.feedback
     assert re.search(feedback, v.feedback), v.feedback
     assert "\n" not in v.feedback and len(v.feedback) < 400
-    assert elapsed < TIMEOUT_S + 5
+    assert elapsed < timeout_s + 5
     assert sentinel.read_text() == "original"
     assert not escape.exists() and not shared_tmp.exists() and not Path("/dev/shm", token).exists()
     assert before - repo_files() == set()
