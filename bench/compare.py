@@ -6,8 +6,9 @@ independent), collects each `metrics.jsonl`, and writes into `--out`:
   summary.csv       held-out accuracy per algorithm at step 0 and at the end, and the gain: mean, std,
                     min, max over seeds; the number of eval problems and the gain's standard error, both
                     unpaired (conservative) and paired over problems (from each run's eval_scores.jsonl)
-  runs.csv          one row per run: first and last accuracy, the gain, its paired standard error, and the
-                    problems wrong at the first evaluation and right at the last (better), and back (worse)
+  runs.csv          one row per run: first and last accuracy, the gain, its paired standard error, the
+                    problems wrong at the first evaluation and right at the last (better) and back (worse), and
+                    the last accuracy against grpo's run of the same seed, paired over problems (vs_grpo)
   diagnostics.csv   per (algorithm, seed): the mean over the run of each diagnostic below
   curves.png        accuracy vs step and vs wall time, mean +- std band over seeds
   diagnostics.png   the algorithms' own signals: SD pMI per row, CREDIT contrast term, AntiSD gate
@@ -223,6 +224,20 @@ def score_changes(run_dir: Path) -> tuple[float, float, float]:
     return se, sum(x for x in d if x > 0), -sum(x for x in d if x < 0)
 
 
+def last_scores(run_dir: Path) -> list[float] | None:
+    """The per-problem scores of a run's last evaluation (eval_scores.jsonl), or None without that file."""
+    path = run_dir / "eval_scores.jsonl"
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()][-1]["scores"]
+
+
+def paired_difference(scores: list[float], baseline: list[float]) -> tuple[float, float]:
+    """mean(d) and its standard error sd(d) / sqrt(n), d_i = scores_i - baseline_i over the same n problems."""
+    d = [a - b for a, b in zip(scores, baseline, strict=True)]
+    return statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
+
+
 def algorithm_seeds(text: str) -> tuple[str, list[int] | None]:
     """`NAME` or `NAME:SEED,SEED...` (seeds of that algorithm only) -> (name, seeds or None for --seeds)."""
     name, _, seeds = text.partition(":")
@@ -304,13 +319,17 @@ def main() -> None:
                   f"{gain_s[0]:>+8.3f} ± {gain_s[1]:.3f} {gain_s[2]:>+9.3f} {train_s:>8.0f} {se:>8.3f} {paired:>7.3f}")
     with open(a.out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["algorithm", "seed", "initial", "final", "gain", "gain_se_paired", "better", "worse", "train_s"])
+        w.writerow(["algorithm", "seed", "initial", "final", "gain", "gain_se_paired", "better", "worse", "vs_grpo",
+                    "vs_grpo_se", "train_s"])
         for alg, by_seed in results.items():
             for seed, rows in by_seed.items():
                 first, final = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
                 se, better, worse = score_changes(a.out / "runs" / f"{alg}-{seed}")
+                scores, grpo = (last_scores(a.out / "runs" / f"{name}-{seed}") for name in (alg, "grpo"))
+                vs_grpo = ([f"{v:.4f}" for v in paired_difference(scores, grpo)]
+                           if seed in results.get("grpo", {}) and scores and grpo else ["", ""])
                 w.writerow([alg, seed, f"{first:.4f}", f"{final:.4f}", f"{final - first:.4f}", f"{se:.4f}",
-                            f"{better:g}", f"{worse:g}", f"{wall_times(rows)[-1]:.1f}"])
+                            f"{better:g}", f"{worse:g}", *vs_grpo, f"{wall_times(rows)[-1]:.1f}"])
     with open(a.out / "diagnostics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["algorithm", "seed", "metric", "run_mean"])

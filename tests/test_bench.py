@@ -92,6 +92,20 @@ def test_compare_real_mode_resumes_and_reports_the_standard_error(tmp_path):
     assert (run["algorithm"], run["seed"], float(run["gain"])) == ("grpo", "1", pytest.approx(p1 - p0, abs=1e-4))
     assert (float(run["better"]), float(run["worse"])) == (better, worse)
     assert float(run["gain_se_paired"]) == pytest.approx(paired, abs=1e-4)
+    assert (float(run["vs_grpo"]), float(run["vs_grpo_se"])) == (0, 0)  # grpo against its own run of the same seed
+
+
+def test_paired_difference_against_explicit_sums():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import compare
+
+    scores, baseline = [1, 0, 1, 1, 0, 0.5], [0, 0, 1, 0, 1, 0.25]
+    d = [1, 0, 0, 1, -1, 0.25]
+    mean = sum(d) / 6
+    se = (sum((x - mean) ** 2 for x in d) / 5 / 6) ** 0.5
+    assert compare.paired_difference(scores, baseline) == (pytest.approx(mean), pytest.approx(se))
+    with pytest.raises(ValueError):  # never over different problem sets
+        compare.paired_difference(scores, baseline[:5])
 
 
 def test_compare_takes_seeds_per_algorithm():
