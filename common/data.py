@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 from common.errors import UserError
 from common.example import Example
+from common.tracking import warn_once
 
 
 class DataError(UserError):
@@ -329,6 +330,10 @@ def rg_examples(spec: str, split: str) -> list[Example]:
     if not examples:
         raise DataError(f"{spec} {split}: no questions left (every train question is also a test question: "
                         f"raise train_size or widen the task's config)")
+    if split == "train" and len(examples) < len(held):  # a small problem space: the test split took most of it
+        warn_once(f"rg-small-train {spec}", f"warning: {spec}: the train split holds {len(examples)} distinct "
+                  f"questions, fewer than the test split's {len(held)} (the task's config has few distinct problems "
+                  f"and test questions never train): lower test_size or widen the config")
     return examples
 
 

@@ -6,6 +6,7 @@ import pytest
 pytest.importorskip("reasoning_gym")
 import reasoning_gym  # noqa: E402
 
+from common import tracking  # noqa: E402
 from common.data import RG_SUFFIX, DataError, load_examples, parse_rg_spec  # noqa: E402
 from common.verifiers import verify  # noqa: E402
 
@@ -53,6 +54,21 @@ def test_splits_are_seeded_disjoint_and_deterministic():
     assert first.prompt == first.meta["rg"]["entry"]["question"] + RG_SUFFIX
     assert first.answer == first.meta["rg"]["entry"]["answer"]
     json.dumps(first.meta)  # what the verifier's worker receives is plain JSON
+
+
+def test_a_train_split_smaller_than_the_test_split_is_said_once(capsys):
+    """2 terms of 1 digit: about 200 distinct problems, most of them drawn by the default 500-entry test split."""
+    small = "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"
+    tracking.warned.discard(f"rg-small-train {small}")  # said once per process: this test may not be the first
+    train, test = load_examples(small, "train"), load_examples(small, "test")
+    assert len(train) < len(test)
+    load_examples(small, "train")
+    out = capsys.readouterr().out
+    assert out.count(f"the train split holds {len(train)} distinct questions, fewer than the test split's "
+                     f"{len(test)}") == 1 and "lower test_size" in out
+    train, test = load_examples(small + "&test_size=100", "train"), load_examples(small + "&test_size=100", "test")
+    assert len(train) > len(test) and "warning" not in capsys.readouterr().out
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
 
 
 @pytest.mark.parametrize("task", ["chain_sum", "basic_arithmetic", "simple_equations", "products", "letter_counting",
