@@ -1,6 +1,6 @@
 """The `TrainArgs` fields every script shares (model, data, batch, optimisation, the GRPO frame's policy loss,
-eval, logging), their allowed
-ranges, and `cli()`: parse, validate, refuse an existing run directory, all before torch models or data load.
+eval, logging), their allowed ranges, and `cli()`: parse, validate, refuse an existing run directory, all before
+torch models or data load; `apply_preset` for a script's named presets.
 
 Validation runs when a `TrainArgs` is constructed (`__post_init__` -> `validate()`), again at the start of
 `common.run.setup` (a preset may have changed fields), and in `cli()`, which reports a bad value as one line
