@@ -6,6 +6,7 @@ questions as correct). For the problems whose greedy score changed between the r
 else the run's `--model`) and the final checkpoint's, verifies them again and prints one JSON line each:
 
     python bench/real_samples.py results/real/runs/grpo-1 [--count 5]
+    python bench/real_samples.py results/real/runs/grpo-1 --all   # every problem, rescored by the current verifier
 
 `score` is the verifier's verdict on the regenerated text and `recorded` the run's own evaluation of that
 problem; for a greedy evaluation (`--eval-temperature 0 --eval-samples 1`) they agree unless a near tie in the
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("run_dir", type=Path, help="a run's output directory (args.json, eval_scores.jsonl, checkpoint/)")
     p.add_argument("--count", type=int, default=5,
                    help="problems that improved to show (and half as many that got worse)")
+    p.add_argument("--all", action="store_true",
+                   help="every held-out problem: both evaluations rescored by the current verifier (on stderr)")
     a = p.parse_args()
     args = json.loads((a.run_dir / "args.json").read_text())
     evaluations = [json.loads(line) for line in (a.run_dir / "eval_scores.jsonl").read_text().splitlines()]
@@ -48,7 +51,7 @@ def main() -> None:
     _, evals, _, _ = load_splits(SimpleNamespace(**args), tokenizer)  # the run's eval set, in its order
     better = [i for i, (x, y) in enumerate(zip(first["scores"], last["scores"])) if y > x][: a.count]
     worse = [i for i, (x, y) in enumerate(zip(first["scores"], last["scores"])) if y < x][: max(1, a.count // 2)]
-    chosen = better + worse
+    chosen = list(range(len(evals))) if a.all else better + worse
     prompts = render_prompts(tokenizer, [evals[i].prompt for i in chosen], args["enable_thinking"])
     device = torch.device("cpu")
     model_dir = found / "model"
@@ -66,11 +69,15 @@ def main() -> None:
         with torch.no_grad(), context():
             texts = generate(policy, tokenizer, prompts, 1, args["eval_max_new_tokens"] or args["max_new_tokens"],
                              temperature=0.0).texts
-        for i, text in zip(chosen, texts):
+        scores = [float(verify(evals[i], text).correct) for i, text in zip(chosen, texts)]
+        for i, text, score in zip(chosen, texts, scores):
             print(json.dumps({"policy": who, "eval_step": evaluation["step"], "problem": i, "question": evals[i].prompt,
-                              "gold": evals[i].answer, "completion": text,
-                              "score": float(verify(evals[i], text).correct),
+                              "gold": evals[i].answer, "completion": text, "score": score,
                               "recorded": evaluation["scores"][i]}), flush=True)
+        if a.all:
+            recorded = sum(evaluation["scores"][i] for i in chosen) / len(chosen)
+            print(f"{who} (step {evaluation['step']}): accuracy {sum(scores) / len(chosen):.3f} rescored, "
+                  f"{recorded:.3f} recorded, {len(chosen)} problems", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -293,8 +293,8 @@ def _statements(text: str) -> list[str]:
         answer = _cut(text[pos:].split("\n", 1)[0])
         if not answer or pos + len(answer) > stop:
             continue  # "Final Answer: The final answer is 5": the inner statement counts
-        if re.match(r"\s*[A-Za-z]{2,}", _clean(answer)):
-            continue  # prose, "not 22", "below": not a value
+        if re.match(r"\s*[\"'”’)\]]*\s*[A-Za-z]{2,}", _clean(answer)):
+            continue  # prose, "not 22", "below", '" is 6' after 'answer to "6 + 0 ="': not a value
         found.append(answer)
     return found
 

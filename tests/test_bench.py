@@ -144,6 +144,15 @@ def test_real_samples_regenerates_the_recorded_verdicts(tmp_path):
             and set(r["problem"] for r in base) <= set(changed))
     assert base and all(r["score"] == r["recorded"] for r in rows), rows
     assert all(b["recorded"] != f["recorded"] for b, f in zip(base, final))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "real_samples.py"), str(run_dir), "--all"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    for who, evaluation in (("base", evals[0]), ("final", evals[-1])):  # --all: every problem, the run's verifier
+        mine = [r for r in rows if r["policy"] == who]
+        assert [r["problem"] for r in mine] == list(range(32)) and all(r["score"] == r["recorded"] for r in mine)
+        accuracy = f"{sum(evaluation['scores']) / 32:.3f}"
+        assert f"{who} (step {evaluation['step']}): accuracy {accuracy} rescored, {accuracy} recorded" in proc.stderr
 
 
 def test_overhead_replays_one_batch_and_gives_ratios(monkeypatch, capsys):

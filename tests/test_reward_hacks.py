@@ -120,6 +120,7 @@ GENUINE = [
     (Q8, "23", "8 + 8 + 7 = 23"),
     (Q8, "23", "8 + 8 = 16, 16 + 7 = 23. \\boxed{23}"),
     (Q8, "23", "The answer to 8 + 8 + 7 is 23."),
+    (CHAIN.format("6 + 0"), "6", 'The answer to the question "6 + 0 =" is 6.'),  # the quoted question ends in =
     (Q8, "23", "The sum of 8, 8 and 7 is 23."),
     (Q8, "23", "First 8 + 8 = 16. Then 16 + 7 = 23, so \\boxed{23}. Final: \\boxed{23}"),  # repeated, no hedge
     (Q8, "23", "Final Answer: The final answer is $23$. I hope it is correct."),  # Minerva style
