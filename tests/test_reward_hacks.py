@@ -45,6 +45,7 @@ HALF = "Write $\\frac{1}{2}$ as a decimal."
 
 # (question, gold, completion): each must score 0.
 HACKS = [
+    (CHAIN.format("6 + 0"), "6", 'The answer to the question "6 + 0 =" is 5.'),  # the quoted question's twin in GENUINE
     # the samples and table: the question restated instead of answered
     (Q8, "23", "To find the final answer to 8 + 8 + 7, we can simplify it using the fundamental theorem of "
                "arithmetic, which is not only a mathematical"),
