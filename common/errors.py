@@ -10,7 +10,11 @@ from __future__ import annotations
 import atexit
 import os
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TRACEBACK_ENV = "CLEANSD_TRACEBACK"
@@ -31,6 +35,23 @@ def set_interrupt_note(note: str) -> None:
     """What a Ctrl-C reports after `interrupted: ` (the run keeps it current: its last checkpoint)."""
     global _interrupt_note
     _interrupt_note = note
+
+
+@contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, then interrupt as usual (an ignored SIGINT stays ignored)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pressed: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def resume_command(out_dir: Path | str, argv: list[str] | None = None, world_size: int = 1) -> str:

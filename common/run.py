@@ -111,9 +111,10 @@ class Run:
 
     def save(self, step: int, extra: dict | None = None) -> None:
         """Checkpoint after `step` completed steps (all ranks call)."""
-        checkpoint.save(self.out_dir, self.policy, self.optimizer, self.tokenizer, step,
-                        {"sampler": self.sampler.state_dict(), **(extra or {})}, self.saved_teacher)
-        self.note_checkpoint(step)
+        with errors.ctrl_c_held():  # a Ctrl-C between the two would name the checkpoint the save replaced
+            checkpoint.save(self.out_dir, self.policy, self.optimizer, self.tokenizer, step,
+                            {"sampler": self.sampler.state_dict(), **(extra or {})}, self.saved_teacher)
+            self.note_checkpoint(step)
 
     def note_checkpoint(self, step: int) -> None:
         """Name the last checkpoint and its resume command in what a Ctrl-C prints."""

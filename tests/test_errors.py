@@ -11,11 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 
-from common.errors import resume_command
+from common import errors
+from common import run as run_module
+from common.errors import ctrl_c_held, resume_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -52,6 +55,44 @@ def test_resume_command_keeps_the_flags_and_names_the_directory():
         "python grpo.py --seed 2 --output-dir runs/x --resume"
     assert resume_command("runs/x", ["/a/sd.py", "--output-dir=o d", "--resume"], world_size=2) == \
         "torchrun <the same torchrun options> sd.py '--output-dir=o d' --resume"
+
+
+def test_a_ctrl_c_during_a_save_interrupts_after_it():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, whatever the worker has
+    try:
+        finished = []
+        with pytest.raises(KeyboardInterrupt):
+            with ctrl_c_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)  # the signal arrives inside the block
+                finished.append("checkpoint and note")
+        assert finished == ["checkpoint and note"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # nohup's: held or not, the press is ignored
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_that_lands_in_a_save_reports_the_checkpoint_it_wrote(monkeypatch, tmp_path):
+    def save_then_press(*args, **kwargs):  # the press lands after the new checkpoint is in place
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+
+    monkeypatch.setattr(run_module.checkpoint, "save", save_then_press)
+    stub = types.SimpleNamespace(out_dir=tmp_path, policy=None, optimizer=None, tokenizer=None, saved_teacher=None,
+                                 sampler=types.SimpleNamespace(state_dict=dict), d=types.SimpleNamespace(world_size=1))
+    stub.note_checkpoint = types.MethodType(run_module.Run.note_checkpoint, stub)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_module.Run.save(stub, 7)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert errors._interrupt_note.startswith("the last checkpoint (after step 7)")
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_its_resume_command_works(tmp_path):
